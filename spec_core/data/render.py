@@ -1,0 +1,319 @@
+"""Render a conversation with a chat template and build its assistant-only loss mask.
+
+One tokenization per conversation: the rendered text is encoded once with character offsets, and
+a token is supervised iff it *starts* inside an assistant span, i.e. at or after the end of an
+assistant header and before the end of that turn's end-of-turn marker (the marker itself is
+supervised: the draft must learn to stop). A token that straddles the header/content boundary
+(BPE merging the header's trailing newline with leading whitespace of the content) starts in the
+header and is therefore not supervised; ``mask_from_token_ids`` applies the same rule on token ids
+alone, walking the header's trailing whitespace by token lengths, so the two always agree.
+
+Templates that ignore ``reasoning_content`` or ``tool_calls`` (SmolLM2's, for instance) get them
+inlined into the content (``<think>...</think>``, ``<tool_call>...</tool_call>``) rather than
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from spec_core.data.conversation import Conversation, InvalidRecord, Message
+from spec_core.data.templates import ChatTemplate, detect_template, get_template
+from spec_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_ERROR = "template_error"
+_PROBE_REASONING = "PROBE_REASONING_TEXT"
+_PROBE_TOOL = "probe_tool_fn"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Character (or token) positions of one assistant turn: [content_start, end) is supervised."""
+
+    header_start: int
+    content_start: int
+    end: int
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: np.ndarray  # int32 [num_tokens], after truncation
+    loss_mask: np.ndarray  # uint8 [num_tokens], 1 = supervised
+    full_length: int  # tokens before truncation
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+@dataclass(frozen=True)
+class TokenMarkers:
+    """A template's markers as token ids, for masks computed from ids alone."""
+
+    header_ids: tuple[int, ...]  # the header without its trailing whitespace
+    tail_chars: int  # length of that trailing whitespace
+    end_ids: tuple[tuple[int, ...], ...]
+    token_chars: np.ndarray  # decoded length of every token id (walks the header tail)
+
+
+def assistant_spans(text: str, template: ChatTemplate) -> list[Span]:
+    """Every assistant turn in rendered text: after its header, through its end-of-turn marker
+    (or to the end of the text when the marker is missing)."""
+    spans: list[Span] = []
+    header = template.assistant_header
+    pos = 0
+    while (h := text.find(header, pos)) >= 0:
+        start = h + len(header)
+        found = [(i, i + len(e)) for e in template.end_of_turn if (i := text.find(e, start)) >= 0]
+        end = min(found)[1] if found else len(text)
+        spans.append(Span(h, start, end))
+        pos = end
+    return spans
+
+
+def last_turn(spans: list[Span]) -> list[Span]:
+    """The spans of the final assistant message: a message may render as several segments
+    (gpt-oss analysis + final) that follow each other with nothing but a header in between."""
+    if not spans:
+        return []
+    first = len(spans) - 1
+    while first > 0 and spans[first - 1].end == spans[first].header_start:
+        first -= 1
+    return spans[first:]
+
+
+def mask_from_token_ids(
+    input_ids: Sequence[int], markers: TokenMarkers, last_turn_only: bool = False
+) -> np.ndarray:
+    """The loss mask from token ids alone (e.g. for sequences an engine tokenized itself)."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    n, header = len(ids), markers.header_ids
+    spans: list[Span] = []
+    i = 0
+    for i0 in np.flatnonzero(ids == header[0]):
+        if i0 < i or tuple(ids[i0 : i0 + len(header)]) != header:
+            continue
+        start, remaining = int(i0) + len(header), markers.tail_chars
+        while remaining > 0 and start < n:  # tokens starting inside the header tail
+            remaining -= int(markers.token_chars[ids[start]])
+            start += 1
+        end = _find_end(ids, start, markers.end_ids)
+        spans.append(Span(int(i0), start, end))
+        i = end
+    if last_turn_only:
+        spans = last_turn(spans)
+    mask = np.zeros(n, dtype=np.uint8)
+    for span in spans:
+        mask[span.content_start : span.end] = 1
+    return mask
+
+
+def _find_end(ids: np.ndarray, start: int, end_ids: tuple[tuple[int, ...], ...]) -> int:
+    """End (exclusive) of the earliest end-of-turn sequence at or after ``start``, else len."""
+    best_k, best_end = len(ids), len(ids)
+    for seq in end_ids:
+        for k in np.flatnonzero(ids[start:best_k] == seq[0]) + start:
+            if tuple(ids[k : k + len(seq)]) == seq:
+                best_k, best_end = int(k), int(k) + len(seq)
+                break
+    return best_end
+
+
+def wants_last_turn_only(conv: Conversation, option: str) -> bool:
+    """``dataset.last_turn_loss_only``: true | false | auto (= true when there is reasoning, because
+    templates drop reasoning from earlier turns, so only the last turn shows what the model does)."""
+    if option == "auto":
+        return conv.has_reasoning
+    return option == "true"
+
+
+class ConversationRenderer:
+    """Renders and tokenizes conversations with one tokenizer and one set of turn markers.
+
+    ``template=None`` renders with the tokenizer's own chat template and takes the markers of the
+    registry entry detected from it; a name renders with that registry entry.
+    """
+
+    def __init__(self, tokenizer: Any, template: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self._backend = _plain_backend(tokenizer)
+        if template is not None:
+            self.template = get_template(template)
+            self.jinja: Optional[str] = self.template.jinja
+            self._warn_missing_special_tokens()
+        else:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(
+                    "the tokenizer has no chat template; set 'dataset.chat_template' to one of: "
+                    + ", ".join(_template_names())
+                )
+            self.jinja = None
+            detected = detect_template(self._apply)
+            if detected is None:
+                raise ConfigError(
+                    "cannot find the assistant-turn markers of the tokenizer's chat template; set "
+                    "'dataset.chat_template' to the matching registry entry: "
+                    + ", ".join(_template_names())
+                )
+            self.template = detected
+        self.inline_reasoning = not self._renders(
+            Message("assistant", "a", reasoning_content=_PROBE_REASONING), _PROBE_REASONING
+        )
+        call = {"type": "function", "function": {"name": _PROBE_TOOL, "arguments": {}}}
+        self.inline_tool_calls = not self._renders(
+            Message("assistant", "", tool_calls=[call]), _PROBE_TOOL
+        )
+
+    @property
+    def template_name(self) -> str:
+        return self.template.name
+
+    def render(self, conv: Conversation) -> str:
+        """The conversation as text; InvalidRecord(template_error) if the template rejects it."""
+        try:
+            return self._apply([self._message_dict(m) for m in conv.messages])
+        except Exception as exc:  # jinja raises TemplateError or anything the template calls
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidRecord(TEMPLATE_ERROR, f"chat template failed: {first[:200]}") from None
+
+    def tokenize_texts(
+        self,
+        texts: Sequence[str],
+        last_turn_only: Sequence[bool],
+        max_seq_length: Optional[int] = None,
+    ) -> list[TokenizedConversation]:
+        """Encode rendered texts in one batch and build their masks from character offsets."""
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        out = []
+        for text, enc, last in zip(texts, encodings, last_turn_only, strict=True):
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(ids))
+            spans = assistant_spans(text, self.template)
+            if last:
+                spans = last_turn(spans)
+            mask = np.zeros(len(ids), dtype=bool)
+            for span in spans:
+                mask |= (starts >= span.content_start) & (starts < span.end)
+            limit = len(ids) if max_seq_length is None else max_seq_length
+            out.append(TokenizedConversation(ids[:limit], mask[:limit].astype(np.uint8), len(ids)))
+        return out
+
+    def tokenize(
+        self,
+        conv: Conversation,
+        max_seq_length: Optional[int] = None,
+        last_turn_only: bool = False,
+    ) -> TokenizedConversation:
+        return self.tokenize_texts([self.render(conv)], [last_turn_only], max_seq_length)[0]
+
+    def token_markers(self) -> TokenMarkers:
+        """The template's markers as ids; ConfigError if the header does not tokenize stably."""
+        header = self.template.assistant_header
+        core = header.rstrip()
+        encode = self._backend.encode
+        header_ids = tuple(encode(core, add_special_tokens=False).ids)
+        if (
+            not header_ids
+            or tuple(encode(header, add_special_tokens=False).ids)[: len(header_ids)] != header_ids
+        ):
+            raise ConfigError(f"assistant header {header!r} does not tokenize stably")
+        ends = tuple(
+            tuple(encode(e, add_special_tokens=False).ids) for e in self.template.end_of_turn
+        )
+        vocab = self._backend.get_vocab_size()
+        pieces = self._backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+        return TokenMarkers(
+            header_ids,
+            len(header) - len(core),
+            ends,
+            np.fromiter((len(p) for p in pieces), dtype=np.int64, count=vocab),
+        )
+
+    def _apply(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.jinja, tokenize=False
+        )
+
+    def _renders(self, probe: Message, marker: str) -> bool:
+        messages = [{"role": "user", "content": "u"}, probe.to_dict()]
+        try:
+            return marker in self._apply(messages)
+        except Exception:  # a template that rejects the field does not render it
+            return False
+
+    def _message_dict(self, m: Message) -> dict[str, Any]:
+        content = m.content
+        if m.role == "assistant" and m.reasoning_content and self.inline_reasoning:
+            content = f"<think>\n{m.reasoning_content}\n</think>\n\n{content}"
+        if m.role == "assistant" and m.tool_calls and self.inline_tool_calls:
+            calls = "\n".join(_tool_call_text(c) for c in m.tool_calls)
+            content = f"{content}\n{calls}" if content else calls
+        return Message(m.role, content, m.reasoning_content, m.tool_calls, m.name).to_dict()
+
+    def _warn_missing_special_tokens(self) -> None:
+        missing = [
+            t
+            for t in self.template.special_tokens
+            if len(self._backend.encode(t, add_special_tokens=False).ids) != 1
+        ]
+        if missing:
+            log.warning(
+                "chat template '%s': %s are not single tokens in this tokenizer; is it the right "
+                "template for this model?",
+                self.template.name,
+                ", ".join(missing),
+            )
+
+
+def render_conversation(
+    conv: Conversation,
+    tokenizer: Any,
+    template: Optional[str] = None,
+    max_seq_length: Optional[int] = None,
+    last_turn_only: bool = False,
+) -> TokenizedConversation:
+    """One conversation -> input_ids + assistant-only loss mask (builds a renderer each call; use
+    ConversationRenderer directly for many conversations)."""
+    return ConversationRenderer(tokenizer, template).tokenize(conv, max_seq_length, last_turn_only)
+
+
+def _tool_call_text(call: dict) -> str:
+    payload = call.get("function", call)
+    body = {"name": payload.get("name"), "arguments": payload.get("arguments")}
+    return f"<tool_call>\n{json.dumps(body, ensure_ascii=False)}\n</tool_call>"
+
+
+def _plain_backend(tokenizer: Any) -> Any:
+    """A private copy of the fast tokenizer without truncation, padding or post-processing, so
+    ids equal ``tokenizer(text, add_special_tokens=False)`` and offsets are never trimmed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; specflow needs tokenizer.json "
+            "(character offsets build the loss masks)"
+        )
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    plain.post_processor = None
+    return plain
+
+
+def _template_names() -> list[str]:
+    from spec_core.data.templates import TEMPLATES
+
+    return list(TEMPLATES)

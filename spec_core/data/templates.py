@@ -1,0 +1,255 @@
+"""Chat-template registry: the markers that delimit assistant turns, plus a Jinja rendering for
+tokenizers that ship no chat template of their own.
+
+A template is named in ``dataset.chat_template`` or detected from the tokenizer's own template.
+Loss masks come from the markers only: the text between an ``assistant_header`` and the next
+``end_of_turn`` string (which is included) is supervised. The Jinja here is ours, a faithful but
+minimal rendering of each family (no tools schema, no dates); when a tokenizer has its own
+template, that one renders and only the markers come from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+from spec_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    assistant_header: str  # text that opens an assistant turn (not supervised)
+    end_of_turn: tuple[str, ...]  # any of these closes it (supervised)
+    jinja: str
+    special_tokens: tuple[str, ...]  # must be single tokens in a matching tokenizer
+
+
+# Qwen3 keeps reasoning only on assistant turns after the last user message.
+_QWEN3_REASONING = "{% if m.get('reasoning_content') and loop.index0 > ns.last_user %}{{ '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{% endif %}"
+_LAST_USER = (
+    "{% set ns = namespace(last_user=-1) %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+)
+
+
+def _chatml_like(
+    system_default: Optional[str],
+    assistant_prefix: str = "",
+    tool_as_user: bool = False,
+    reasoning: bool = False,
+) -> str:
+    """ChatML family (SmolLM2, Qwen): '<|im_start|>role\\n' + content + '<|im_end|>\\n'."""
+    parts = [_LAST_USER] if reasoning else []
+    if system_default is not None:
+        parts.append(
+            "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+            + system_default
+            + "<|im_end|>\\n' }}{% endif %}"
+        )
+    tool = (
+        "{{ '<|im_start|>user\\n<tool_response>\\n' + m['content'] + "
+        "'\\n</tool_response><|im_end|>\\n' }}"
+        if tool_as_user
+        else "{{ '<|im_start|>tool\\n' + m['content'] + '<|im_end|>\\n' }}"
+    )
+    parts.append(
+        "{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n"
+        + assistant_prefix
+        + "' }}"
+        + (_QWEN3_REASONING if reasoning else "")
+        + "{{ m['content'] + '<|im_end|>\\n' }}"
+        "{% elif m['role'] == 'tool' %}" + tool + "{% else %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n" + assistant_prefix + "' }}"
+        "{% endif %}"
+    )
+    return "".join(parts)
+
+
+def _header_family(bos: str, start: str, end: str, eot: str) -> str:
+    """Llama 3/4: bos + start + role + end + '\\n\\n' + content + eot (tool results as ipython)."""
+    return (
+        "{{ '" + bos + "' }}{% for m in messages %}"
+        "{% set role = 'ipython' if m['role'] == 'tool' else m['role'] %}"
+        "{{ '" + start + "' + role + '" + end + "\\n\\n' + m['content'] + '" + eot + "' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '" + start + "assistant" + end + "\\n\\n' }}"
+        "{% endif %}"
+    )
+
+
+_DEEPSEEK_V3 = (
+    _LAST_USER + "{{ '<｜begin▁of▁sentence｜>' }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' }}"
+    "{% if m.get('reasoning_content') and loop.index0 > ns.last_user %}"
+    "{{ '<think>' + m['reasoning_content'] + '</think>' }}"
+    "{% endif %}{{ m['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% else %}{{ '<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + m['content'] + "
+    "'<｜tool▁output▁end｜><｜tool▁outputs▁end｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+_KIMI_K2 = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_system|>system<|im_middle|>"
+    "You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<|im_user|>user<|im_middle|>' }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|im_assistant|>assistant<|im_middle|>' }}"
+    "{% else %}{{ '<|im_system|>' + m['role'] + '<|im_middle|>' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_assistant|>assistant<|im_middle|>' }}{% endif %}"
+)
+
+# Harmony: reasoning (kept after the last user turn) goes to the analysis channel, the answer to the final channel; the last
+# assistant message ends with <|return|>, earlier ones with <|end|>.
+_GPT_OSS = (
+    _LAST_USER + "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% if m.get('reasoning_content') and loop.index0 > ns.last_user %}"
+    "{{ '<|start|>assistant<|channel|>analysis<|message|>' + "
+    "m['reasoning_content'] + '<|end|>' }}{% endif %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + m['content'] + "
+    "('<|return|>' if loop.last else '<|end|>') }}"
+    "{% elif m['role'] == 'tool' %}{{ '<|start|>functions.' + (m.get('name') or 'tool') + "
+    "' to=assistant<|channel|>commentary<|message|>' + m['content'] + '<|end|>' }}"
+    "{% elif m['role'] == 'system' %}{{ '<|start|>developer<|message|># Instructions\\n\\n' + "
+    "m['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|start|>user<|message|>' + m['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+_PHI4 = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + "
+    "'<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+_QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_QWEN3_EMPTY_THINK = "<think>\\n\\n</think>\\n\\n"
+_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in (
+        ChatTemplate(
+            "chatml",
+            "<|im_start|>assistant\n",
+            ("<|im_end|>",),
+            _chatml_like(None),
+            _CHATML_TOKENS,
+        ),
+        ChatTemplate(
+            "qwen",
+            "<|im_start|>assistant\n",
+            ("<|im_end|>",),
+            _chatml_like(_QWEN_SYSTEM, tool_as_user=True),
+            _CHATML_TOKENS,
+        ),
+        ChatTemplate(
+            "qwen3-instruct",
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            ("<|im_end|>",),
+            _chatml_like(None, _QWEN3_EMPTY_THINK, tool_as_user=True),
+            _CHATML_TOKENS + ("<think>", "</think>"),
+        ),
+        ChatTemplate(
+            "qwen3-thinking",
+            "<|im_start|>assistant\n",
+            ("<|im_end|>",),
+            _chatml_like(None, tool_as_user=True, reasoning=True),
+            _CHATML_TOKENS + ("<think>", "</think>"),
+        ),
+        ChatTemplate(
+            "llama3",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            ("<|eot_id|>",),
+            _header_family(
+                "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+            ),
+            ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        ),
+        ChatTemplate(
+            "llama4",
+            "<|header_start|>assistant<|header_end|>\n\n",
+            ("<|eot|>",),
+            _header_family("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>"),
+            ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>"),
+        ),
+        ChatTemplate(
+            "deepseek-v3",
+            "<｜Assistant｜>",
+            ("<｜end▁of▁sentence｜>",),
+            _DEEPSEEK_V3,
+            (
+                "<｜begin▁of▁sentence｜>",
+                "<｜end▁of▁sentence｜>",
+                "<｜User｜>",
+                "<｜Assistant｜>",
+                "<｜tool▁outputs▁begin｜>",
+                "<｜tool▁outputs▁end｜>",
+                "<｜tool▁output▁begin｜>",
+                "<｜tool▁output▁end｜>",
+                "<think>",
+                "</think>",
+            ),
+        ),
+        ChatTemplate(
+            "kimi-k2",
+            "<|im_assistant|>assistant<|im_middle|>",
+            ("<|im_end|>",),
+            _KIMI_K2,
+            ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>"),
+        ),
+        ChatTemplate(
+            "gpt-oss",
+            "<|start|>assistant",
+            ("<|end|>", "<|return|>", "<|call|>"),
+            _GPT_OSS,
+            ("<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|channel|>", "<|message|>"),
+        ),
+        ChatTemplate(
+            "phi4",
+            "<|im_start|>assistant<|im_sep|>",
+            ("<|im_end|>",),
+            _PHI4,
+            _CHATML_TOKENS + ("<|im_sep|>",),
+        ),
+    )
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise ConfigError(
+            f"unknown chat template '{name}' in 'dataset.chat_template'; valid: "
+            + ", ".join(TEMPLATES)
+        )
+    return TEMPLATES[name]
+
+
+PROBE_USER = "PROBE_USER_TEXT"
+PROBE_ASSISTANT = "PROBE_ASSISTANT_TEXT"
+
+
+def detect_template(render: Callable[[list[dict]], str]) -> Optional[ChatTemplate]:
+    """The registry entry whose markers wrap the assistant turn of a probe rendering.
+
+    ``render`` renders OpenAI-style messages with the tokenizer's own template. Among entries
+    whose header directly precedes the probe answer and whose end-of-turn directly follows it,
+    the longest header wins (qwen3-instruct's header extends chatml's).
+    """
+    text = render(
+        [{"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_ASSISTANT}]
+    )
+    matches = [
+        t
+        for t in TEMPLATES.values()
+        if t.assistant_header + PROBE_ASSISTANT in text
+        and any(PROBE_ASSISTANT + end in text for end in t.end_of_turn)
+    ]
+    return max(matches, key=lambda t: len(t.assistant_header), default=None)

@@ -1,0 +1,436 @@
+"""Prepare training data: load, hold out eval conversations, tokenize with ``datasets.map``, and
+save Arrow datasets under ``work_dir/tokenized/<cache_key>/``.
+
+The cache key hashes everything that changes the output (dataset bytes, tokenizer files, template
+name, mask/length/split options, and the source of this package) and nothing else, so it is
+computed without tokenizing and a run re-tokenizes only when one of them changed. Entries are built
+in a temporary directory and renamed into place, so a crash never leaves a half-written entry.
+
+Splits: ``max_conversations`` keeps the first N valid conversations in file order; then
+``eval_conversations`` of those are held out, chosen by ``random.Random(seed)``, before
+tokenization. Samples are kept in file order (the trainer shuffles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from spec_core.assets import resolve_dataset_path
+from spec_core.config import DatasetConfig
+from spec_core.data.conversation import Conversation, InvalidRecord
+from spec_core.data.load import data_sources, load_conversations
+from spec_core.data.render import ConversationRenderer, wants_last_turn_only
+from spec_core.data.report import DataReport
+from spec_core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+NO_LOSS_TOKENS = "no_loss_tokens"
+TOO_FEW_LOSS_TOKENS = "too_few_loss_tokens"
+MANIFEST = "prepared.json"
+TRAIN_COLUMNS = ["sample_id", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens"]
+EVAL_COLUMNS = TRAIN_COLUMNS + ["messages"]
+_CODE_FILES = (
+    "conversation.py",
+    "load.py",
+    "report.py",
+    "templates.py",
+    "render.py",
+    "tokenize.py",
+)
+# Files that define a tokenizer's vocabulary, special tokens and chat template.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+
+
+@dataclass
+class PrepareReport:
+    data_path: str
+    template: str  # registry entry whose markers build the masks
+    data: DataReport  # skips by reason, from loading and tokenization
+    conversations: int = 0  # valid conversations used (after max_conversations)
+    train_samples: int = 0
+    eval_samples: int = 0
+    train_tokens: int = 0
+    train_loss_tokens: int = 0
+    eval_tokens: int = 0
+    eval_loss_tokens: int = 0
+    truncated: int = 0  # kept samples cut at max_seq_length
+    last_turn_only: int = 0  # kept samples supervised on their last turn only
+
+    @property
+    def total_tokens(self) -> int:
+        return self.train_tokens + self.eval_tokens
+
+    @property
+    def supervised_tokens(self) -> int:
+        return self.train_loss_tokens + self.eval_loss_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "data"}
+        out["total_tokens"] = self.total_tokens
+        out["supervised_tokens"] = self.supervised_tokens
+        out["skipped"] = dict(self.data.skipped.most_common())
+        out["data"] = self.data.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrepareReport:
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["data"] = DataReport.from_dict(data["data"])
+        return cls(**fields)
+
+    def lines(self) -> list[str]:
+        return [
+            f"data: {self.data_path} (template markers: {self.template})",
+            *self.data.lines(),
+            f"train: {self.train_samples} samples, {self.train_tokens} tokens, "
+            f"{self.train_loss_tokens} supervised",
+            f"eval:  {self.eval_samples} samples, {self.eval_tokens} tokens, "
+            f"{self.eval_loss_tokens} supervised",
+            f"truncated: {self.truncated}, last-turn-only: {self.last_turn_only}",
+        ]
+
+
+@dataclass
+class PreparedData:
+    train_path: Path
+    eval_path: Path
+    cache_key: str
+    cached: bool
+    report: PrepareReport = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "train_path": str(self.train_path),
+            "eval_path": str(self.eval_path),
+            "cache_key": self.cache_key,
+            "cached": self.cached,
+            "report": self.report.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreparedData:
+        return cls(
+            Path(data["train_path"]),
+            Path(data["eval_path"]),
+            data["cache_key"],
+            bool(data["cached"]),
+            PrepareReport.from_dict(data["report"]),
+        )
+
+
+def code_version() -> str:
+    """Hash of this package's sources: a code change invalidates tokenized caches."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_cache_key(cfg: DatasetConfig, tokenizer_dir: Path, cache_dir: Path) -> str:
+    """The key ``prepare_dataset`` stores under, computed by hashing files only."""
+    data_path = resolve_dataset_path(cfg.path, Path(cache_dir), cfg.min_turns)
+    return _cache_key(cfg, data_path, Path(tokenizer_dir))
+
+
+def _cache_key(cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path) -> str:
+    h = hashlib.sha256()
+    options = {
+        "messages_key": cfg.messages_key,
+        "chat_template": cfg.chat_template,
+        "last_turn_loss_only": cfg.last_turn_loss_only,
+        "max_seq_length": cfg.max_seq_length,
+        "min_loss_tokens": cfg.min_loss_tokens,
+        "max_conversations": cfg.max_conversations,
+        "eval_conversations": cfg.eval_conversations,
+        "seed": cfg.seed,
+        "code": code_version(),
+    }
+    h.update(json.dumps(options, sort_keys=True).encode())
+    for source in data_sources(data_path):
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for f in files:
+            _hash_file(h, f.relative_to(data_path) if data_path.is_dir() else Path(f.name), f)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            _hash_file(h, Path(name), tokenizer_dir / name)
+    return h.hexdigest()[:20]
+
+
+def _hash_file(h: Any, name: Path, path: Path) -> None:
+    h.update(str(name).encode() + b"\0")
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    h.update(b"\0")
+
+
+def prepare_dataset(
+    cfg: DatasetConfig,
+    tokenizer_dir: Path,
+    work_dir: Path,
+    cache_dir: Path,
+    progress: bool = True,
+) -> PreparedData:
+    """Tokenized train/eval datasets for ``cfg``, from the cache when the key matches."""
+    tokenizer_dir, work_dir = Path(tokenizer_dir), Path(work_dir)
+    data_path = resolve_dataset_path(cfg.path, Path(cache_dir), cfg.min_turns)
+    key = _cache_key(cfg, data_path, tokenizer_dir)
+    out = work_dir / "tokenized" / key
+    if (out / MANIFEST).is_file():
+        prepared = _read_manifest(out, cached=True)
+        log.info("tokenized data cache hit: %s", out)
+        return prepared
+    tmp = out.with_name(f".tmp-{key}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _progress_bars(progress):
+            report = _build(cfg, data_path, tokenizer_dir, tmp, progress)
+        _write_json(tmp / MANIFEST, {"cache_key": key, "report": report.to_dict()})
+        shutil.rmtree(tmp / "scratch", ignore_errors=True)
+        if out.exists():  # another process finished first; its entry is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for line in report.lines():
+        log.info(line)
+    return _read_manifest(out, cached=False)
+
+
+def _build(
+    cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path, tmp: Path, progress: bool
+) -> PrepareReport:
+    import datasets
+    from transformers import AutoTokenizer
+
+    loaded = load_conversations(
+        data_path, cfg.messages_key, limit=cfg.max_conversations, progress=progress
+    )
+    convs = loaded.conversations
+    eval_set = set(_eval_indices(len(convs), cfg.eval_conversations, cfg.seed, data_path))
+    # Build one renderer here so template problems fail fast, before any worker starts.
+    renderer = ConversationRenderer(AutoTokenizer.from_pretrained(tokenizer_dir), cfg.chat_template)
+    table = datasets.Dataset.from_dict(
+        {
+            "sample_id": [c.id for c in convs],
+            "messages": [json.dumps(c.to_dict(), ensure_ascii=False) for c in convs],
+            "last_turn_only": [wants_last_turn_only(c, cfg.last_turn_loss_only) for c in convs],
+            "location": loaded.locations,
+            "is_eval": [i in eval_set for i in range(len(convs))],
+        }
+    )
+    features = table.features.copy()
+    features.update(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "loss_mask": datasets.List(datasets.Value("uint8")),
+            "num_tokens": datasets.Value("int32"),
+            "num_loss_tokens": datasets.Value("int32"),
+            "full_length": datasets.Value("int32"),
+            "skip_reason": datasets.Value("string"),
+            "skip_detail": datasets.Value("string"),
+        }
+    )
+    num_proc = max(1, min(cfg.num_proc, len(convs) // 32))
+    (tmp / "scratch").mkdir(parents=True, exist_ok=True)
+    mapped = table.map(
+        TokenizeBatch(
+            str(tokenizer_dir), cfg.chat_template, cfg.max_seq_length, cfg.min_loss_tokens
+        ),
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc if num_proc > 1 else None,
+        features=features,
+        cache_file_name=str(tmp / "scratch" / "tokenized.arrow"),
+        new_fingerprint=tmp.name,
+        desc="tokenizing",
+    )
+    columns = {
+        name: mapped.data.column(name).to_pylist()
+        for name in ("skip_reason", "skip_detail", "location", "is_eval", "last_turn_only")
+    }
+    report = PrepareReport(str(data_path), renderer.template_name, loaded.report, len(convs))
+    keep_train, keep_eval = [], []
+    for i, reason in enumerate(columns["skip_reason"]):
+        if reason:
+            report.data.skip(reason, columns["location"][i], columns["skip_detail"][i])
+        else:
+            (keep_eval if columns["is_eval"][i] else keep_train).append(i)
+    report.data.valid = len(keep_train) + len(keep_eval)
+    if not keep_train:
+        raise DataError(
+            f"no valid training samples remain in {data_path}: {report.data.one_line()}"
+        )
+    lengths = np.asarray(mapped.data.column("num_tokens").to_numpy(), dtype=np.int64)
+    loss = np.asarray(mapped.data.column("num_loss_tokens").to_numpy(), dtype=np.int64)
+    full = np.asarray(mapped.data.column("full_length").to_numpy(), dtype=np.int64)
+    kept = keep_train + keep_eval
+    report.train_samples, report.eval_samples = len(keep_train), len(keep_eval)
+    report.train_tokens, report.eval_tokens = (
+        int(lengths[keep_train].sum()),
+        int(lengths[keep_eval].sum()),
+    )
+    report.train_loss_tokens = int(loss[keep_train].sum())
+    report.eval_loss_tokens = int(loss[keep_eval].sum())
+    report.truncated = int((full[kept] > lengths[kept]).sum())
+    report.last_turn_only = sum(columns["last_turn_only"][i] for i in kept)
+    mapped.select(keep_train).select_columns(TRAIN_COLUMNS).save_to_disk(str(tmp / "train"))
+    mapped.select(keep_eval).select_columns(EVAL_COLUMNS).save_to_disk(str(tmp / "eval"))
+    return report
+
+
+class TokenizeBatch:
+    """``datasets.map`` function: each worker process loads the tokenizer once, on first use."""
+
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        template: Optional[str],
+        max_seq_length: int,
+        min_loss_tokens: int,
+    ):
+        self.tokenizer_dir = tokenizer_dir
+        self.template = template
+        self.max_seq_length = max_seq_length
+        self.min_loss_tokens = max(1, min_loss_tokens)
+        self._renderer: Optional[ConversationRenderer] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_renderer": None}
+
+    def renderer(self) -> ConversationRenderer:
+        if self._renderer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._renderer = ConversationRenderer(tokenizer, self.template)
+        return self._renderer
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        renderer = self.renderer()
+        n = len(batch["messages"])
+        out: dict[str, list] = {
+            "input_ids": [np.zeros(0, np.int32)] * n,
+            "loss_mask": [np.zeros(0, np.uint8)] * n,
+            "num_tokens": [0] * n,
+            "num_loss_tokens": [0] * n,
+            "full_length": [0] * n,
+            "skip_reason": [""] * n,
+            "skip_detail": [""] * n,
+        }
+        texts, rendered = [], []
+        for i, raw in enumerate(batch["messages"]):
+            try:
+                texts.append(renderer.render(Conversation.from_dict(json.loads(raw))))
+                rendered.append(i)
+            except InvalidRecord as exc:
+                out["skip_reason"][i], out["skip_detail"][i] = exc.reason, exc.detail
+        last = [batch["last_turn_only"][i] for i in rendered]
+        for i, sample in zip(
+            rendered, renderer.tokenize_texts(texts, last, self.max_seq_length), strict=True
+        ):
+            out["input_ids"][i], out["loss_mask"][i] = sample.input_ids, sample.loss_mask
+            out["num_tokens"][i] = len(sample.input_ids)
+            out["num_loss_tokens"][i] = n_loss = sample.num_loss_tokens
+            out["full_length"][i] = sample.full_length
+            if n_loss < self.min_loss_tokens:
+                out["skip_reason"][i], out["skip_detail"][i] = self._too_few(sample, n_loss)
+        return out
+
+    def _too_few(self, sample: Any, n_loss: int) -> tuple[str, str]:
+        cut = (
+            f" in the first {self.max_seq_length} of {sample.full_length} tokens"
+            if sample.truncated
+            else ""
+        )
+        if n_loss == 0:
+            return NO_LOSS_TOKENS, f"no assistant tokens{cut}"
+        return TOO_FEW_LOSS_TOKENS, (
+            f"{n_loss} assistant tokens{cut} < dataset.min_loss_tokens={self.min_loss_tokens}"
+        )
+
+
+def _eval_indices(n: int, k: int, seed: int, data_path: Path) -> list[int]:
+    if k < 0:
+        raise DataError(f"'dataset.eval_conversations' must be >= 0, got {k}")
+    if k >= n:
+        raise DataError(
+            f"'dataset.eval_conversations' ({k}) leaves no training data: only {n} valid "
+            f"conversations in {data_path}; lower it or add data"
+        )
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def load_tokenized(path: Path) -> Any:
+    """A split saved by ``prepare_dataset`` as a ``datasets.Dataset``."""
+    import datasets
+
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise DataError(f"{path} is not a tokenized split (no state.json); run prepare_dataset")
+    return datasets.load_from_disk(str(path))
+
+
+def load_eval_conversations(path: Path) -> list[Conversation]:
+    """The held-out conversations of an eval split (its ``messages`` column), in split order."""
+    ds = load_tokenized(path)
+    return [Conversation.from_dict(json.loads(m)) for m in ds.data.column("messages").to_pylist()]
+
+
+def _read_manifest(out: Path, cached: bool) -> PreparedData:
+    manifest = json.loads((out / MANIFEST).read_text())
+    return PreparedData(
+        out / "train",
+        out / "eval",
+        manifest["cache_key"],
+        cached,
+        PrepareReport.from_dict(manifest["report"]),
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if enabled:
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+        else:
+            datasets.disable_progress_bars()
