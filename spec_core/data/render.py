@@ -24,7 +24,13 @@ from typing import Any, Optional
 import numpy as np
 
 from spec_core.data.conversation import Conversation, InvalidRecord, Message
-from spec_core.data.templates import ChatTemplate, detect_template, get_template
+from spec_core.data.templates import (
+    Span,
+    assistant_spans,
+    detect_template,
+    get_template,
+    last_turn,
+)
 from spec_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,15 +38,6 @@ log = logging.getLogger(__name__)
 TEMPLATE_ERROR = "template_error"
 _PROBE_REASONING = "PROBE_REASONING_TEXT"
 _PROBE_TOOL = "probe_tool_fn"
-
-
-@dataclass(frozen=True)
-class Span:
-    """Character (or token) positions of one assistant turn: [content_start, end) is supervised."""
-
-    header_start: int
-    content_start: int
-    end: int
 
 
 @dataclass
@@ -66,32 +63,6 @@ class TokenMarkers:
     tail_chars: int  # length of that trailing whitespace
     end_ids: tuple[tuple[int, ...], ...]
     token_chars: np.ndarray  # decoded length of every token id (walks the header tail)
-
-
-def assistant_spans(text: str, template: ChatTemplate) -> list[Span]:
-    """Every assistant turn in rendered text: after its header, through its end-of-turn marker
-    (or to the end of the text when the marker is missing)."""
-    spans: list[Span] = []
-    header = template.assistant_header
-    pos = 0
-    while (h := text.find(header, pos)) >= 0:
-        start = h + len(header)
-        found = [(i, i + len(e)) for e in template.end_of_turn if (i := text.find(e, start)) >= 0]
-        end = min(found)[1] if found else len(text)
-        spans.append(Span(h, start, end))
-        pos = end
-    return spans
-
-
-def last_turn(spans: list[Span]) -> list[Span]:
-    """The spans of the final assistant message: a message may render as several segments
-    (gpt-oss analysis + final) that follow each other with nothing but a header in between."""
-    if not spans:
-        return []
-    first = len(spans) - 1
-    while first > 0 and spans[first - 1].end == spans[first].header_start:
-        first -= 1
-    return spans[first:]
 
 
 def mask_from_token_ids(

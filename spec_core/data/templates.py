@@ -26,6 +26,41 @@ class ChatTemplate:
     special_tokens: tuple[str, ...]  # must be single tokens in a matching tokenizer
 
 
+@dataclass(frozen=True)
+class Span:
+    """Character (or token) positions of one assistant turn: [content_start, end) is supervised."""
+
+    header_start: int
+    content_start: int
+    end: int
+
+
+def assistant_spans(text: str, template: ChatTemplate) -> list[Span]:
+    """Every assistant turn in rendered text: after its header, through its end-of-turn marker
+    (or to the end of the text when the marker is missing)."""
+    spans: list[Span] = []
+    header = template.assistant_header
+    pos = 0
+    while (h := text.find(header, pos)) >= 0:
+        start = h + len(header)
+        found = [(i, i + len(e)) for e in template.end_of_turn if (i := text.find(e, start)) >= 0]
+        end = min(found)[1] if found else len(text)
+        spans.append(Span(h, start, end))
+        pos = end
+    return spans
+
+
+def last_turn(spans: list[Span]) -> list[Span]:
+    """The spans of the final assistant message: a message may render as several segments
+    (gpt-oss analysis + final) that follow each other with nothing but a header in between."""
+    if not spans:
+        return []
+    first = len(spans) - 1
+    while first > 0 and spans[first - 1].end == spans[first].header_start:
+        first -= 1
+    return spans[first:]
+
+
 # Qwen3 keeps reasoning only on assistant turns after the last user message.
 _QWEN3_REASONING = "{% if m.get('reasoning_content') and loop.index0 > ns.last_user %}{{ '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{% endif %}"
 _LAST_USER = (
@@ -240,16 +275,21 @@ def detect_template(render: Callable[[list[dict]], str]) -> Optional[ChatTemplat
     """The registry entry whose markers wrap the assistant turn of a probe rendering.
 
     ``render`` renders OpenAI-style messages with the tokenizer's own template. Among entries
-    whose header directly precedes the probe answer and whose end-of-turn directly follows it,
-    the longest header wins (qwen3-instruct's header extends chatml's).
+    whose markers yield one span that ends with the probe answer plus an end-of-turn marker and
+    holds no user text, the longest header wins (qwen3-instruct's header extends chatml's).
     """
     text = render(
         [{"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_ASSISTANT}]
     )
-    matches = [
-        t
-        for t in TEMPLATES.values()
-        if t.assistant_header + PROBE_ASSISTANT in text
-        and any(PROBE_ASSISTANT + end in text for end in t.end_of_turn)
-    ]
+    matches = [t for t in TEMPLATES.values() if _wraps_probe(text, t)]
     return max(matches, key=lambda t: len(t.assistant_header), default=None)
+
+
+def _wraps_probe(text: str, template: ChatTemplate) -> bool:
+    spans = assistant_spans(text, template)
+    if len(spans) != 1:
+        return False
+    supervised = text[spans[0].content_start : spans[0].end]
+    return PROBE_USER not in supervised and any(
+        supervised.endswith(PROBE_ASSISTANT + end) for end in template.end_of_turn
+    )
