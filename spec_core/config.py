@@ -89,6 +89,7 @@ class DraftConfig:
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
     last_hidden_prenorm: bool = False  # engine delivers pre-norm last hidden states
+    init_from_target: bool = True  # eagle3: start lm_head/final norm from the target's rows
 
 
 @dataclass

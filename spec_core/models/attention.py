@@ -1,0 +1,196 @@
+"""Attention cores for the EAGLE-3 draft: RoPE, incremental decoding, and the TTT pattern.
+
+Layout: token-major ``[..., N, heads, head_dim]`` everywhere, so the same layer code runs on a dense
+``[B, T]`` block (TTT step 0, decoding) and on a packed ``[n]`` list of rows (TTT steps >= 1, which
+only visit positions that still lead to a supervised label).
+
+TTT pattern (torchspec.md §6.3): at unroll step k the query at position t attends to
+  (a) step-0 keys at positions 0..t of its own sequence (the prefix built from target features), and
+  (b) its own diagonal entry of every step 1..k (the draft's previous guesses at this position,
+      itself included),
+which is exactly what a chain drafter sees at decode time. Two implementations with identical
+results: ``ttt_attention_eager`` (explicit scores, trains on CPU, the reference) and
+``ttt_attention_flex`` (one flex_attention call with a block mask; CUDA training path, since
+flex_attention has no backward on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("sdpa", "flex")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` = flex on CUDA, sdpa elsewhere (flex cannot train on CPU)."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def rotary_embedding(
+    head_dim: int,
+    rope_theta: float,
+    rope_scaling: Optional[dict[str, Any]],
+    max_position_embeddings: int,
+    hidden_size: int,
+    num_attention_heads: int,
+) -> nn.Module:
+    """HF's Llama RoPE module (all scaling types); ``forward(x, position_ids) -> (cos, sin)``.
+
+    Its buffers are non-persistent, so it never shows up in a state dict.
+    """
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+    )
+    return LlamaRotaryEmbedding(config)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., N, heads, d]; cos/sin: [..., N, d] (Llama/NeoX half-rotation convention)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal self-attention, ``[B, T, H, d]`` in and out (TTT step 0)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Incremental decoding: ``q`` [B, n, H, d] are the newest n entries of ``k``/``v`` [B, L, H, d].
+
+    New token i sees every cached key plus new keys up to itself; ``key_mask`` [B, L] (True = real)
+    hides padding in a batch of unequal prefixes.
+    """
+    n, total = q.shape[1], k.shape[1]
+    allowed = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    mask = allowed[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :].bool()
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def ttt_attention_eager(
+    q: torch.Tensor,
+    k0: torch.Tensor,
+    v0: torch.Tensor,
+    diag_k: torch.Tensor,
+    diag_v: torch.Tensor,
+    q_pos: torch.Tensor,
+    segments: list[tuple[int, int, int]],
+) -> torch.Tensor:
+    """TTT attention for packed query rows, by explicit scores.
+
+    q: [n, Hq, d] packed rows, sorted by sequence; k0/v0: [B, T, Hkv, d] step-0 keys/values;
+    diag_k/diag_v: [n, s, Hkv, d] the same rows' keys/values at steps 1..s (current included);
+    q_pos: [n] position t of each row; segments: (b, start, end) row ranges per sequence.
+    Returns [n, Hq, d].
+    """
+    n, hq, d = q.shape
+    hkv = k0.shape[2]
+    group = hq // hkv
+    scale = d**-0.5
+    outs = []
+    for b, lo, hi in segments:
+        m = hi - lo
+        pos = q_pos[lo:hi]
+        span = int(pos.max()) + 1  # keys past the last query position are never visible
+        qb = q[lo:hi].reshape(m, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, m, d]
+        kb = k0[b, :span].permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, d, span]
+        vb = v0[b, :span].permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, span, d]
+        prefix = torch.matmul(qb, kb) * scale  # [Hkv, G, m, span]
+        hidden = torch.arange(span, device=q.device)[None, :] > pos[:, None]
+        prefix = prefix.masked_fill(hidden, float("-inf"))
+        dk = diag_k[lo:hi].permute(2, 0, 3, 1).unsqueeze(1)  # [Hkv, 1, m, d, s]
+        diag = torch.matmul(qb.unsqueeze(-2), dk).squeeze(-2) * scale  # [Hkv, G, m, s]
+        scores = torch.cat([prefix, diag], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+        probs = probs.to(q.dtype)
+        out = torch.matmul(probs[..., :span], vb)  # [Hkv, G, m, d]
+        dv = diag_v[lo:hi].permute(2, 0, 1, 3).unsqueeze(1)  # [Hkv, 1, m, s, d]
+        out = out + torch.matmul(probs[..., span:].unsqueeze(-2), dv).squeeze(-2)
+        outs.append(out.permute(2, 0, 1, 3).reshape(m, hq, d))
+    return torch.cat(outs, dim=0)
+
+
+@functools.cache
+def _flex_kernel(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+
+
+def ttt_attention_flex(
+    q: torch.Tensor,
+    k0: torch.Tensor,
+    v0: torch.Tensor,
+    diag_k: torch.Tensor,
+    diag_v: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_batch: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as ``ttt_attention_eager`` as one flex_attention call.
+
+    Keys are [all step-0 keys of all sequences (B*T) ‖ diagonal keys step-major (s*n)]; the block
+    mask admits a step-0 key iff same sequence and position <= t, and a diagonal key iff it belongs
+    to the query's own row.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, hq, d = q.shape
+    bsz, length, hkv, _ = k0.shape
+    steps = diag_k.shape[1]
+    prefix_len = bsz * length
+
+    def mask_mod(b, h, qi, kv):
+        in_prefix = kv < prefix_len
+        same_seq = (kv // length) == q_batch[qi]
+        causal = (kv % length) <= q_pos[qi]
+        own_row = ((kv - prefix_len) % n) == qi
+        return (in_prefix & same_seq & causal) | (~in_prefix & own_row)
+
+    keys = torch.cat([k0.reshape(prefix_len, hkv, d), diag_k.transpose(0, 1).reshape(-1, hkv, d)])
+    values = torch.cat([v0.reshape(prefix_len, hkv, d), diag_v.transpose(0, 1).reshape(-1, hkv, d)])
+    total = prefix_len + steps * n
+    block_mask = create_block_mask(mask_mod, 1, None, n, total, device=q.device)
+    kernel = _flex_kernel(q.device.type == "cuda")
+    out = kernel(
+        q.transpose(0, 1).unsqueeze(0),
+        keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0),
+        block_mask=block_mask,
+        enable_gqa=True,
+    )
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,230 @@
+"""The EAGLE-3 draft's ``config.json``: a ``LlamaForCausalLMEagle3`` config plus our metadata.
+
+The same JSON is written into every checkpoint and into the HF export, so SGLang/vLLM, the export
+step and a resumed trainer all read one file. Geometry that must match the target (head_dim, RoPE
+theta and scaling, norm eps) is copied from the target's own config rather than recomputed:
+TorchSpec derives head_dim as hidden/heads, which is wrong for targets where they differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from spec_core.config import DraftConfig
+from spec_core.errors import ConfigError
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+@dataclass
+class Eagle3Config:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's vocab: embedding rows and d2t/t2d space
+    draft_vocab_size: int  # lm_head rows
+    target_hidden_size: int  # fc input is len(capture_indices) * target_hidden_size
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list[int]] = None
+    pad_token_id: Optional[int] = None
+    torch_dtype: str = "float32"
+    specflow: dict[str, Any] = field(default_factory=dict)  # capture_indices, ttt_length, ...
+
+    @property
+    def capture_indices(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.specflow.get("capture_indices", ()))
+
+    @property
+    def ttt_length(self) -> int:
+        return int(self.specflow.get("ttt_length", 7))
+
+    @property
+    def pruned(self) -> bool:
+        return self.draft_vocab_size < self.vocab_size
+
+    @property
+    def aux_dim(self) -> int:
+        return len(self.capture_indices) * self.target_hidden_size
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` SGLang and vLLM load (``LlamaConfig`` fields + EAGLE-3 extras)."""
+        data = asdict(self)
+        specflow = data.pop("specflow")
+        rope_parameters = {"rope_type": "default", **(self.rope_scaling or {})}
+        rope_parameters["rope_theta"] = self.rope_theta
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "llama",
+            **data,
+            "rope_parameters": rope_parameters,
+            "num_hidden_layers": 1,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "use_cache": True,
+            "specflow": specflow,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str = "draft config") -> Eagle3Config:
+        if int(data.get("num_hidden_layers", 1)) != 1:
+            raise ConfigError(
+                f"{source}: num_hidden_layers must be 1 for an EAGLE-3 draft "
+                f"(got {data.get('num_hidden_layers')})"
+            )
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+            if key not in data:
+                raise ConfigError(f"{source}: missing required field '{key}'")
+        theta, scaling = rope_settings(data)
+        heads = int(data["num_attention_heads"])
+        hidden = int(data["hidden_size"])
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(data["intermediate_size"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(data.get("num_key_value_heads") or heads),
+            head_dim=int(data.get("head_dim") or hidden // heads),
+            vocab_size=int(data["vocab_size"]),
+            draft_vocab_size=int(data.get("draft_vocab_size") or data["vocab_size"]),
+            target_hidden_size=int(data.get("target_hidden_size") or hidden),
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            hidden_act=str(data.get("hidden_act", "silu")),
+            max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            bos_token_id=data.get("bos_token_id"),
+            eos_token_id=data.get("eos_token_id"),
+            pad_token_id=data.get("pad_token_id"),
+            torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
+            specflow=dict(data.get("specflow") or {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Eagle3Config:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read the draft config: {exc}") from None
+        return cls.from_hf_dict(data, source=str(path))
+
+
+def rope_settings(cfg: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, rope_scaling) from a transformers 4 (``rope_theta``/``rope_scaling``) or 5
+    (``rope_parameters``) config; scaling is None for plain RoPE."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = float(params["rope_theta"])
+    else:
+        scaling = copy.deepcopy(cfg.get("rope_scaling"))
+        theta = float(cfg.get("rope_theta", 10000.0))
+    if scaling:
+        scaling = dict(scaling)
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        if scaling.get("rope_type", "default") == "default" and len(scaling) <= 1:
+            scaling = None
+    return theta, scaling or None
+
+
+def text_config(target: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a target config (VLM configs nest it under text_config)."""
+    return target.get("text_config") or target
+
+
+def default_capture_indices(num_layers: int) -> tuple[int, ...]:
+    """DESIGN §3: capture index k = HF ``output_hidden_states[k]``; EAGLE-3 uses (2, N//2, N-3)."""
+    if num_layers < 4:
+        raise ConfigError(
+            f"the target has {num_layers} layers; EAGLE-3's default capture indices (2, N//2, N-3) "
+            "need at least 4; set 'draft.capture_indices' explicitly"
+        )
+    return (2, num_layers // 2, num_layers - 3)
+
+
+def derive_eagle3_config(
+    target_config_json: dict[str, Any],
+    draft_cfg: DraftConfig,
+    draft_vocab_size: int,
+    target_name: str = "",
+) -> Eagle3Config:
+    """The draft config for a target: its geometry, one layer, our capture indices and TTT depth.
+
+    A ``draft.config_path`` JSON, when given, supplies the geometry instead (a smaller or larger
+    drafter than the target); the target still decides vocab and hidden size of the features.
+    """
+    tgt = text_config(target_config_json)
+    num_layers = int(tgt["num_hidden_layers"])
+    capture = tuple(draft_cfg.capture_indices or default_capture_indices(num_layers))
+    bad = [k for k in capture if not 0 <= int(k) < num_layers]
+    if bad:
+        raise ConfigError(
+            f"'draft.capture_indices' {list(capture)} invalid for a {num_layers}-layer target: "
+            f"each must be in [0, {num_layers - 1}] (0 = embeddings, k = input of layer k)"
+        )
+    vocab = int(tgt["vocab_size"])
+    if not 0 < draft_vocab_size <= vocab:
+        raise ConfigError(
+            f"draft vocab size {draft_vocab_size} must be in [1, {vocab}] (the target vocab)"
+        )
+    base = tgt
+    if draft_cfg.config_path:
+        path = Path(draft_cfg.config_path).expanduser()
+        try:
+            base = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"'draft.config_path' {path}: cannot read JSON: {exc}") from None
+    theta, scaling = rope_settings(base)
+    heads = int(base["num_attention_heads"])
+    hidden = int(base["hidden_size"])
+    specflow = {
+        "algorithm": "eagle3",
+        "capture_indices": [int(k) for k in capture],
+        "ttt_length": int(draft_cfg.ttt_length),
+        "target": target_name,
+        "target_num_hidden_layers": num_layers,
+        "last_hidden_prenorm": bool(draft_cfg.last_hidden_prenorm),
+    }
+    return Eagle3Config(
+        hidden_size=hidden,
+        intermediate_size=int(draft_cfg.intermediate_size or base["intermediate_size"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(base.get("num_key_value_heads") or heads),
+        head_dim=int(base.get("head_dim") or hidden // heads),
+        vocab_size=vocab,
+        draft_vocab_size=int(draft_vocab_size),
+        target_hidden_size=int(tgt["hidden_size"]),
+        rms_norm_eps=float(base.get("rms_norm_eps", 1e-6)),
+        hidden_act=str(base.get("hidden_act", "silu")),
+        max_position_embeddings=int(base.get("max_position_embeddings", 2048)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        bos_token_id=tgt.get("bos_token_id"),
+        eos_token_id=tgt.get("eos_token_id"),
+        pad_token_id=tgt.get("pad_token_id"),
+        torch_dtype=str(tgt.get("torch_dtype") or tgt.get("dtype") or "float32"),
+        specflow=specflow,
+    )

@@ -1,0 +1,134 @@
+"""The frozen pieces of the target the trainer needs, read from safetensors without building it.
+
+The EAGLE-3 loss only needs the target's ``lm_head`` (to turn captured last hidden states into
+target distributions), its final norm (only when an engine delivers pre-norm states), and its
+embedding (the draft's frozen input embedding). Loading just those tensors keeps trainer memory at
+a few hundred MB even for large targets, and works for single-file and sharded
+(``model.safetensors.index.json``) checkpoints alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from spec_core.config import TargetConfig
+from spec_core.errors import ConfigError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_target_config(target_dir: str | Path) -> dict:
+    path = Path(target_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the target config: {exc}") from None
+
+
+def _weight_map(target_dir: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name."""
+    index = target_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{index}: unreadable safetensors index: {exc}") from None
+    single = target_dir / SINGLE_FILE
+    if not single.is_file():
+        raise ConfigError(
+            f"{target_dir}: no {SINGLE_FILE} or {INDEX_FILE}; the target must be saved as safetensors"
+        )
+    with safe_open(str(single), framework="pt") as fh:
+        return {name: SINGLE_FILE for name in fh.keys()}  # noqa: SIM118 (safe_open has no iter)
+
+
+def read_tensors(target_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Load only ``names`` from a target's safetensors (missing names -> ConfigError)."""
+    target_dir = Path(target_dir)
+    weight_map = _weight_map(target_dir)
+    missing = [n for n in names if n not in weight_map]
+    if missing:
+        raise ConfigError(
+            f"{target_dir}: tensors {missing} not found in the checkpoint; set the key in the "
+            "'target' config section (embedding_key / lm_head_key / norm_key)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for file_name in sorted({weight_map[n] for n in names}):
+        with safe_open(str(target_dir / file_name), framework="pt") as fh:
+            for n in names:
+                if weight_map[n] == file_name:
+                    out[n] = fh.get_tensor(n)
+    return out
+
+
+def has_tensor(target_dir: str | Path, name: str) -> bool:
+    return name in _weight_map(Path(target_dir))
+
+
+@dataclass
+class TargetHead:
+    lm_head: torch.Tensor  # [V, H] rows = target vocab ids
+    norm_weight: Optional[torch.Tensor]  # [H] final norm, None when the checkpoint has none
+    norm_eps: float
+    target_dir: Path
+    embedding_key: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm_head.shape[1])
+
+    def load_embedding(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The target's input embedding [V, H] (the draft's frozen ``embed_tokens``)."""
+        key = self.embedding_key
+        return read_tensors(self.target_dir, [key])[key].to(dtype)
+
+
+def lm_head_key(target_dir: str | Path, target_cfg: TargetConfig, config: dict) -> str:
+    """``lm_head.weight`` unless configured; the embedding when the target ties them."""
+    if target_cfg.lm_head_key:
+        return target_cfg.lm_head_key
+    text = config.get("text_config") or config
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    if has_tensor(target_dir, "lm_head.weight"):
+        return "lm_head.weight"
+    if tied:
+        return target_cfg.embedding_key
+    raise ConfigError(
+        f"{target_dir}: no 'lm_head.weight' and tie_word_embeddings is false; "
+        "set 'target.lm_head_key' to the output projection's tensor name"
+    )
+
+
+def load_target_head(
+    target_dir: str | Path, target_cfg: TargetConfig, dtype: torch.dtype = torch.float32
+) -> TargetHead:
+    """Read the target's lm_head (and final norm if present) from its safetensors alone."""
+    target_dir = Path(target_dir)
+    config = read_target_config(target_dir)
+    head_key = lm_head_key(target_dir, target_cfg, config)
+    names = [head_key]
+    with_norm = has_tensor(target_dir, target_cfg.norm_key)
+    if with_norm:
+        names.append(target_cfg.norm_key)
+    tensors = read_tensors(target_dir, names)
+    text = config.get("text_config") or config
+    return TargetHead(
+        lm_head=tensors[head_key].to(dtype),
+        norm_weight=tensors[target_cfg.norm_key].to(dtype) if with_norm else None,
+        norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        target_dir=target_dir,
+        embedding_key=target_cfg.embedding_key,
+        config=config,
+    )

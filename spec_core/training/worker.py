@@ -1,0 +1,275 @@
+"""torchrun entry point: ``python -m torch.distributed.run ... -m spec_core.training.worker --job J``.
+
+Every rank reads the same ``TrainJob``, builds the draft (identical seeded init on every rank, then
+FSDP2 shards it), its ``SampleSource`` (in-process HF target, or the streaming source), the
+optimizer/schedule, restores a checkpoint if asked, and runs the ``Trainer``. User errors print one
+``error: ...`` line and exit 2, which the launcher turns into a ``SpecflowError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from spec_core.config import Config
+from spec_core.errors import ConfigError, SpecflowError
+from spec_core.models.attention import resolve_backend
+from spec_core.models.draft_config import Eagle3Config, derive_eagle3_config
+from spec_core.models.eagle3 import Eagle3Draft
+from spec_core.models.losses import TargetProjection
+from spec_core.models.target import TargetHead, load_target_head, read_target_config
+from spec_core.training.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
+from spec_core.training.fsdp import DistInfo, build_mesh, init_distributed, parallelize
+from spec_core.training.inprocess import InProcessSource, TokenizedSplit
+from spec_core.training.job import TrainJob
+from spec_core.training.metrics_log import MetricsWriter
+from spec_core.training.optim import build_optimizer
+from spec_core.training.schedule import build_scheduler
+from spec_core.training.sources import SampleSource, SampleSpec
+from spec_core.training.trainer import Trainer
+
+log = logging.getLogger("spec_core.training.worker")
+
+
+def draft_config_for(job: TrainJob, cfg: Config, vocab_size: Optional[int]) -> Eagle3Config:
+    """From the checkpoint when resuming (the weights' own geometry), else derived."""
+    if job.resume_from:
+        return Eagle3Config.load(resolve_checkpoint(job.resume_from) / "config.json")
+    target_json = read_target_config(job.target_dir)
+    text = target_json.get("text_config") or target_json
+    return derive_eagle3_config(
+        target_json,
+        cfg.draft,
+        vocab_size or int(text["vocab_size"]),
+        target_name=cfg.target.path,
+    )
+
+
+def build_draft(
+    dcfg: Eagle3Config, cfg: Config, head: TargetHead, vocab_map: Any, device: torch.device
+) -> Eagle3Draft:
+    """Same seeded init on every rank, so FSDP2 can shard a replicated full model."""
+    model = Eagle3Draft(dcfg, resolve_backend(cfg.draft.attention_backend, device))
+    model.init_weights(torch.Generator().manual_seed(cfg.training.seed))
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(head.load_embedding())
+        if vocab_map is not None:
+            model.set_vocab_map(vocab_map.d2t, vocab_map.t2d)
+        if cfg.draft.init_from_target and dcfg.hidden_size == head.hidden_size:
+            rows = head.lm_head if vocab_map is None else head.lm_head[vocab_map.t2d]
+            model.lm_head.weight.copy_(rows)
+            if head.norm_weight is not None:
+                model.norm.weight.copy_(head.norm_weight)
+    return model.to(device)
+
+
+def sample_spec(dcfg: Eagle3Config, cfg: Config) -> SampleSpec:
+    return SampleSpec(
+        aux_dim=dcfg.aux_dim,
+        hidden_dim=dcfg.target_hidden_size,
+        with_last_hidden=True,
+        dtype=getattr(torch, cfg.inference.dtype),
+    )
+
+
+def total_steps_for(cfg: Config, num_train: int, world_size: int) -> int:
+    t = cfg.training
+    if t.num_steps is not None:
+        return t.num_steps
+    global_batch = t.micro_batch_size * t.accumulation_steps * world_size
+    return t.num_epochs * math.ceil(num_train / global_batch)
+
+
+def _engine(job: TrainJob, cfg: Config, dcfg: Eagle3Config, info: DistInfo):
+    from spec_core.engines.base import CaptureSpec
+    from spec_core.engines.hf import HFEngine
+
+    spec = CaptureSpec(
+        capture_indices=dcfg.capture_indices,
+        with_last_hidden=True,
+        dtype=getattr(torch, cfg.inference.dtype),
+    )
+    return HFEngine(
+        job.target_dir,
+        spec,
+        device=str(info.device),
+        batch_size=cfg.inference.batch_size,
+        model_dtype=getattr(torch, cfg.target.dtype),
+    )
+
+
+def build_sources(
+    job: TrainJob, cfg: Config, dcfg: Eagle3Config, info: DistInfo, spec: SampleSpec
+) -> tuple[SampleSource, Any, int]:
+    """(train source, eval source factory or None, train split size)."""
+    t = cfg.training
+    if not job.train_data:
+        raise ConfigError("the training job has no 'train_data' (tokenized train split)")
+    train_split = TokenizedSplit.load(job.train_data)
+    engine = None
+    if job.source == "stream":
+        from spec_core.training.stream_source import StreamSource
+
+        source: SampleSource = StreamSource.from_job(
+            job, rank=info.rank, world_size=info.world_size, spec=spec
+        )
+    else:
+        engine = _engine(job, cfg, dcfg, info)
+        source = InProcessSource(
+            train_split,
+            engine,
+            spec,
+            rank=info.rank,
+            world_size=info.world_size,
+            micro_batch_size=t.micro_batch_size,
+            accumulation_steps=t.accumulation_steps,
+            seq_bucket=t.seq_bucket,
+            seed=t.seed,
+            num_epochs=None if t.num_steps is not None else t.num_epochs,
+        )
+    eval_factory = None
+    if job.eval_data:
+        eval_split = TokenizedSplit.load(job.eval_data)
+        eval_engine = engine or _engine(job, cfg, dcfg, info)
+
+        def eval_factory() -> SampleSource:
+            return InProcessSource(
+                eval_split,
+                eval_engine,
+                spec,
+                rank=info.rank,
+                world_size=info.world_size,
+                micro_batch_size=t.micro_batch_size,
+                accumulation_steps=1,
+                seq_bucket=t.seq_bucket,
+                seed=t.seed,
+                num_epochs=1,
+                shuffle=False,
+            )
+
+    return source, eval_factory, len(train_split)
+
+
+def target_projection(
+    head: TargetHead, cfg: Config, vocab_map: Any, device: torch.device
+) -> TargetProjection:
+    """The target lm_head sliced to the draft vocab; the in-vocab check runs in bf16 where the
+    hardware has fast bf16 matmuls (it only feeds a metric, never the loss)."""
+    dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
+    proj = TargetProjection.build(
+        head.lm_head,
+        None if vocab_map is None else vocab_map.t2d,
+        head.norm_weight if cfg.draft.last_hidden_prenorm else None,
+        head.norm_eps,
+    ).to(device, dtype)
+    if proj.rest is not None and fast_bf16(device):
+        proj.rest = proj.rest.to(torch.bfloat16)
+    return proj
+
+
+def fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
+    cfg = job.cfg
+    torch.manual_seed(cfg.training.seed)
+    run_dir = Path(job.run_dir)
+    head = load_target_head(job.target_dir, cfg.target)
+    vocab_map = None
+    if job.vocab_map:
+        from spec_core.vocab import load_vocab_map
+
+        vocab_map = load_vocab_map(Path(job.vocab_map))
+        if vocab_map.target_vocab_size != head.vocab_size:
+            raise ConfigError(
+                f"vocab map {job.vocab_map} is for a {vocab_map.target_vocab_size}-token vocab, "
+                f"the target has {head.vocab_size}; rebuild it with `specflow vocab`"
+            )
+        if vocab_map.draft_vocab_size == head.vocab_size:
+            vocab_map = None  # a full-vocab draft has no d2t/t2d (vLLM refuses them)
+    dcfg = draft_config_for(job, cfg, vocab_map.draft_vocab_size if vocab_map else None)
+    draft_config_file = run_dir / "draft_config.json"
+    if info.is_main:
+        dcfg.save(draft_config_file)
+    model = build_draft(dcfg, cfg, head, vocab_map, info.device)
+    frozen = {model.embed_tokens.weight}
+    parallelize(model, build_mesh(info), cfg.training, frozen)
+    optimizer = build_optimizer(model, cfg.training)
+    spec = sample_spec(dcfg, cfg)
+    source, eval_factory, num_train = build_sources(job, cfg, dcfg, info, spec)
+    total = total_steps_for(cfg, num_train, info.world_size)
+    scheduler = build_scheduler(optimizer, cfg.training, total)
+    checkpointer = Checkpointer(
+        job.checkpoint_dir, info.rank, info.world_size, cfg.training.max_checkpoints
+    )
+    metrics = MetricsWriter(job.metrics_file if info.is_main else None)
+    trainer = Trainer(
+        cfg=cfg,
+        info=info,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        source=source,
+        target=target_projection(head, cfg, vocab_map, info.device),
+        total_steps=total,
+        checkpointer=checkpointer,
+        metrics=metrics,
+        eval_source_factory=eval_factory,
+        draft_config_file=draft_config_file,
+        vocab_map_file=Path(job.vocab_map) if vocab_map is not None else None,
+    )
+    dist.barrier()  # the draft config file exists before anyone copies it
+    if job.resume_from:
+        ckpt = resolve_checkpoint(job.resume_from)
+        trainer.load_state(checkpointer.load(ckpt, model, optimizer, scheduler, source))
+        log.info("resumed from %s at step %d", ckpt, trainer.step)
+    elif job.continual_from:
+        ckpt = resolve_checkpoint(job.continual_from)
+        load_model_weights(model, ckpt)
+        log.info("continual training from the weights of %s", ckpt)
+    try:
+        summary = trainer.run()
+    finally:
+        metrics.close()
+        source.close()
+    summary.update(metrics_file=str(job.metrics_file), run_dir=str(run_dir))
+    if info.is_main:
+        tmp = job.result_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        tmp.replace(job.result_file)
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="spec_core.training.worker")
+    parser.add_argument("--job", required=True, help="TrainJob JSON written by the launcher")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        job = TrainJob.load(args.job)
+        info = init_distributed(job.cfg.training)
+        try:
+            run(job, info)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except SpecflowError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
