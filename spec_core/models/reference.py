@@ -32,6 +32,29 @@ def _dense_ttt_attention(q: torch.Tensor, keys: list, values: list) -> torch.Ten
     return torch.einsum("bhqk,bkhd->bqhd", probs, v_all)
 
 
+def reference_ttt_hidden(
+    model: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_steps: int
+) -> list[torch.Tensor]:
+    """Pre-norm draft hidden states [B, T, H] of every TTT step, computed densely."""
+    bsz, length = input_ids.shape
+    layer = model.midlayer
+    attn = layer.self_attn
+    ids = F.pad(input_ids, (0, num_steps + 1))
+    hidden = model.fc(aux_hidden.to(model.fc.weight.dtype))
+    keys, values, outputs = [], [], []
+    for k in range(num_steps):
+        embeds = model.embed_tokens(ids[:, 1 + k : 1 + k + length]).to(hidden.dtype)
+        cos, sin = model.rotary_emb(hidden, torch.arange(length) + k)
+        x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)
+        q = apply_rope(attn.q_proj(x).view(bsz, length, attn.num_heads, -1), cos, sin)
+        keys.append(apply_rope(attn.k_proj(x).view(bsz, length, attn.num_kv_heads, -1), cos, sin))
+        values.append(attn.v_proj(x).view(bsz, length, attn.num_kv_heads, -1))
+        h = hidden + attn.o_proj(_dense_ttt_attention(q, keys, values).reshape(bsz, length, -1))
+        hidden = h + layer.mlp(layer.post_attention_layernorm(h))
+        outputs.append(hidden)
+    return outputs
+
+
 def reference_loss(
     model: Eagle3Draft,
     input_ids: torch.Tensor,
@@ -45,10 +68,7 @@ def reference_loss(
     """Same contract as ``Eagle3Draft.forward`` with the full target lm_head [V, Ht]."""
     num_steps = int(step_scales.numel())
     bsz, length = input_ids.shape
-    layer = model.midlayer
-    attn = layer.self_attn
     valid = step_valid(label_rows(loss_mask, attention_mask), num_steps)
-    ids = F.pad(input_ids, (0, num_steps + 1))
 
     target_logits = last_hidden.to(target_lm_head.dtype) @ target_lm_head.T  # [B, T, V]
     t2d = model.vocab_t2d
@@ -60,20 +80,9 @@ def reference_loss(
     target_probs = torch.softmax(draft_target_logits, dim=-1)  # [B, T, Vd]
     target_arg = draft_target_logits.argmax(-1)
 
-    hidden = model.fc(aux_hidden.to(model.fc.weight.dtype))
-    keys, values = [], []
-    loss = torch.zeros((), dtype=hidden.dtype)
+    loss = torch.zeros((), dtype=model.fc.weight.dtype)
     metrics = torch.zeros(num_steps, NUM_METRICS, dtype=torch.float64)
-    for k in range(num_steps):
-        embeds = model.embed_tokens(ids[:, 1 + k : 1 + k + length]).to(hidden.dtype)
-        cos, sin = model.rotary_emb(hidden, torch.arange(length) + k)
-        x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)
-        q = apply_rope(attn.q_proj(x).view(bsz, length, attn.num_heads, -1), cos, sin)
-        keys.append(apply_rope(attn.k_proj(x).view(bsz, length, attn.num_kv_heads, -1), cos, sin))
-        values.append(attn.v_proj(x).view(bsz, length, attn.num_kv_heads, -1))
-        h = hidden + attn.o_proj(_dense_ttt_attention(q, keys, values).reshape(bsz, length, -1))
-        hidden = h + layer.mlp(layer.post_attention_layernorm(h))
-
+    for k, hidden in enumerate(reference_ttt_hidden(model, input_ids, aux_hidden, num_steps)):
         logq = torch.log_softmax(model.lm_head(model.norm(hidden)), dim=-1)  # [B, T, Vd]
         shift = 1 + k
         p = F.pad(target_probs[:, shift:], (0, 0, 0, shift))
