@@ -83,8 +83,10 @@ class InProcessSource(SampleSource):
         self.shuffle = shuffle
         self.epoch = 0
         self.cursor = 0  # global steps taken in the current epoch
-        self.acked: list[str] = []  # acked ids of the current epoch
+        self.acked: list[str] = []  # acked ids of epoch ``acked_epoch``
+        self.acked_epoch = 0
         self.acked_total = 0
+        self._claim_epoch = 0  # epoch of the samples handed out last
         self._order_cache: tuple[int, list[int]] | None = None
 
     @property
@@ -115,9 +117,10 @@ class InProcessSource(SampleSource):
         step_slice = order[start : start + self.global_batch]
         per_rank = self.micro * self.accum
         mine = step_slice[self.rank * per_rank : (self.rank + 1) * per_rank]
+        self._claim_epoch = self.epoch
         self.cursor += 1
         if start + self.global_batch >= len(order):
-            self.epoch, self.cursor, self.acked = self.epoch + 1, 0, []
+            self.epoch, self.cursor = self.epoch + 1, 0
         return mine
 
     def next_step(self) -> StepData:
@@ -135,6 +138,8 @@ class InProcessSource(SampleSource):
         return step
 
     def ack(self, sample_ids: list[str]) -> None:
+        if self._claim_epoch != self.acked_epoch:
+            self.acked, self.acked_epoch = [], self._claim_epoch
         self.acked.extend(sample_ids)
         self.acked_total += len(sample_ids)
 
@@ -144,6 +149,7 @@ class InProcessSource(SampleSource):
             "epoch": self.epoch,
             "cursor": self.cursor,
             "acked": list(self.acked),
+            "acked_epoch": self.acked_epoch,
             "acked_total": self.acked_total,
             "world_size": self.world_size,
             "seed": self.seed,
@@ -163,4 +169,5 @@ class InProcessSource(SampleSource):
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self.acked = list(state["acked"])
+        self.acked_epoch = self._claim_epoch = int(state["acked_epoch"])
         self.acked_total = int(state["acked_total"])
