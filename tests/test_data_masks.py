@@ -345,3 +345,27 @@ def test_truncation_clips_ids_and_mask(smollm2_tokenizer):
         assert short.num_loss_tokens == cut - first_answer
     one_shot = render_conversation(CONV, smollm2_tokenizer, max_seq_length=first_answer + 3)
     assert np.array_equal(one_shot.loss_mask, short.loss_mask)
+
+
+def test_offsets_fallback_when_boundary_chars_have_no_token():
+    """A pre-tokenizer that drops whitespace leaves the newline after the end-of-turn marker without
+    a token; the mask then comes from every token's offsets, with the same start-offset rule."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from spec_core.data.render import _mask_from_offsets
+    from spec_core.data.templates import assistant_spans
+
+    words = ["<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "hello", "there"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="user"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>\n"
+    enc = tok.encode(text, add_special_tokens=False)
+    spans = assistant_spans(text, TEMPLATES["chatml"])
+    assert enc.char_to_token(spans[0].end) is None  # the '\n' closing the turn has no token
+    mask = _mask_from_offsets(enc, len(text), spans)
+    assert [t for t, m in zip(enc.tokens, mask.tolist(), strict=True) if m] == [
+        "hello",
+        "there",
+        "<|im_end|>",
+    ]

@@ -102,6 +102,41 @@ def _find_end(ids: np.ndarray, start: int, end_ids: tuple[tuple[int, ...], ...])
     return best_end
 
 
+def _mask_from_offsets(enc: Any, text_length: int, spans: list[Span]) -> np.ndarray:
+    """Supervise tokens whose start offset lies in a span. Looks up only the span boundaries
+    (``char_to_token``); falls back to every token's offsets if a boundary char has no token."""
+    n = len(enc)
+    mask = np.zeros(n, dtype=np.uint8)
+    bounds = [
+        (
+            _first_token_from(enc, s.content_start, text_length, n),
+            _first_token_from(enc, s.end, text_length, n),
+        )
+        for s in spans
+    ]
+    if any(lo is None or hi is None for lo, hi in bounds):
+        starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=n)
+        bounds = [
+            (int(np.searchsorted(starts, s.content_start)), int(np.searchsorted(starts, s.end)))
+            for s in spans
+        ]
+    for lo, hi in bounds:
+        mask[lo:hi] = 1
+    return mask
+
+
+def _first_token_from(enc: Any, pos: int, text_length: int, n: int) -> Optional[int]:
+    """Index of the first token starting at or after character ``pos`` (None: unknown)."""
+    if pos >= text_length:
+        return n
+    t = enc.char_to_token(pos)
+    if t is None:
+        return None
+    while t < n and enc.token_to_chars(t)[0] < pos:
+        t += 1
+    return t
+
+
 def wants_last_turn_only(conv: Conversation, option: str) -> bool:
     """``dataset.last_turn_loss_only``: true | false | auto (= true when there is reasoning, because
     templates drop reasoning from earlier turns, so only the last turn shows what the model does)."""
@@ -170,15 +205,12 @@ class ConversationRenderer:
         out = []
         for text, enc, last in zip(texts, encodings, last_turn_only, strict=True):
             ids = np.asarray(enc.ids, dtype=np.int32)
-            starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(ids))
             spans = assistant_spans(text, self.template)
             if last:
                 spans = last_turn(spans)
-            mask = np.zeros(len(ids), dtype=bool)
-            for span in spans:
-                mask |= (starts >= span.content_start) & (starts < span.end)
+            mask = _mask_from_offsets(enc, len(text), spans)
             limit = len(ids) if max_seq_length is None else max_seq_length
-            out.append(TokenizedConversation(ids[:limit], mask[:limit].astype(np.uint8), len(ids)))
+            out.append(TokenizedConversation(ids[:limit], mask[:limit], len(ids)))
         return out
 
     def tokenize(

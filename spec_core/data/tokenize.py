@@ -29,7 +29,7 @@ import numpy as np
 
 from spec_core.assets import resolve_dataset_path
 from spec_core.config import DatasetConfig
-from spec_core.data.conversation import Conversation, InvalidRecord
+from spec_core.data.conversation import Conversation, InvalidRecord, Message
 from spec_core.data.load import data_sources, load_conversations
 from spec_core.data.render import ConversationRenderer, wants_last_turn_only
 from spec_core.data.report import DataReport
@@ -347,7 +347,7 @@ class TokenizeBatch:
         texts, rendered = [], []
         for i, raw in enumerate(batch["messages"]):
             try:
-                texts.append(renderer.render(Conversation.from_dict(json.loads(raw))))
+                texts.append(renderer.render(_normalized_conversation(json.loads(raw))))
                 rendered.append(i)
             except InvalidRecord as exc:
                 out["skip_reason"][i], out["skip_detail"][i] = exc.reason, exc.detail
@@ -374,6 +374,11 @@ class TokenizeBatch:
         return TOO_FEW_LOSS_TOKENS, (
             f"{n_loss} assistant tokens{cut} < dataset.min_loss_tokens={self.min_loss_tokens}"
         )
+
+
+def _normalized_conversation(record: dict[str, Any]) -> Conversation:
+    """Rebuild a conversation this module serialized itself (already validated)."""
+    return Conversation(record["id"], [Message(**m) for m in record["messages"]])
 
 
 def _eval_indices(n: int, k: int, seed: int, data_path: Path) -> list[int]:
