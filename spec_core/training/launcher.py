@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -134,8 +135,13 @@ def launch_training(
     env: Optional[dict[str, str]] = None,
     echo: bool = True,
     timeout_s: Optional[float] = None,
+    on_start: Optional[Callable[[subprocess.Popen], None]] = None,
 ) -> TrainResult:
-    """Run the job under torchrun; raise ``SpecflowError`` with the worker's error on failure."""
+    """Run the job under torchrun; raise ``SpecflowError`` with the worker's error on failure.
+
+    ``on_start`` receives the torchrun process as soon as it exists, so a caller running this in a
+    thread (a Prefect task) can stop its process group from outside on cancellation.
+    """
     if nproc_per_node <= 0:
         raise ConfigError(f"'training.nproc_per_node' must be positive, got {nproc_per_node}")
     run_dir = Path(job.run_dir)
@@ -159,6 +165,8 @@ def launch_training(
         )
         pump = threading.Thread(target=_pump, args=(proc.stdout, log_fh, echo), daemon=True)
         pump.start()
+        if on_start is not None:
+            on_start(proc)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while proc.poll() is None:
