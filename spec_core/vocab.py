@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from spec_core.data.staging import publish, staging_dir
 from spec_core.errors import ConfigError, DataError, SpecflowError
 
 log = logging.getLogger(__name__)
@@ -152,16 +152,11 @@ def build_vocab_map(
             "target_vocab_size": target_vocab_size,
         }
     )
-    tmp = out.with_name(f".tmp-{key}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     try:
         save_vocab_map(tmp / VOCAB_MAP_FILE, kept, target_vocab_size)
         (tmp / COVERAGE_FILE).write_text(json.dumps(coverage, indent=2))
-        if out.exists():  # another process finished first; its map is identical
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(

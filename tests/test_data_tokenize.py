@@ -349,3 +349,28 @@ def test_eval_split_rows_are_json_conversations(tmp_path, data_file, tok_dir, as
     assert record["messages"][0]["role"] == "user"
     ids = np.asarray(evals[0]["input_ids"])
     assert ids.dtype.kind == "i"
+
+
+def test_staging_cleans_dead_builders_and_publish_keeps_the_winner(tmp_path):
+    import socket
+
+    from spec_core.data.staging import publish, staging_dir
+
+    out = tmp_path / "entry"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".tmp-entry-{host}-{dead.pid}"
+    (stale / "train").mkdir(parents=True)
+    other_host = tmp_path / ".tmp-entry-elsewhere-1"
+    other_host.mkdir()
+    mine = staging_dir(out)
+    assert not stale.exists() and other_host.exists()
+    assert mine.name == f".tmp-entry-{host}-{os.getpid()}" and mine.is_dir()
+    (mine / "a").write_text("first")
+    publish(mine, out)
+    assert (out / "a").read_text() == "first" and not mine.exists()
+    second = staging_dir(out)
+    (second / "a").write_text("second")
+    publish(second, out)  # another builder already published: keep the winner
+    assert (out / "a").read_text() == "first" and not second.exists()

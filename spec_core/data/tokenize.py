@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from spec_core.data.conversation import Conversation, InvalidRecord, Message
 from spec_core.data.load import data_sources, load_conversations
 from spec_core.data.render import ConversationRenderer, wants_last_turn_only
 from spec_core.data.report import DataReport
+from spec_core.data.staging import publish, staging_dir
 from spec_core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -205,17 +205,13 @@ def prepare_dataset(
         prepared = _read_manifest(out, cached=True)
         log.info("tokenized data cache hit: %s", out)
         return prepared
-    tmp = out.with_name(f".tmp-{key}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     try:
         with _progress_bars(progress):
             report = _build(cfg, data_path, tokenizer_dir, tmp, progress)
         _write_json(tmp / MANIFEST, {"cache_key": key, "report": report.to_dict()})
         shutil.rmtree(tmp / "scratch", ignore_errors=True)
-        if out.exists():  # another process finished first; its entry is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for line in report.lines():
@@ -268,7 +264,7 @@ def _build(
         num_proc=num_proc if num_proc > 1 else None,
         features=features,
         cache_file_name=str(tmp / "scratch" / "tokenized.arrow"),
-        new_fingerprint=tmp.name,
+        new_fingerprint=tmp.name.replace(".", "-"),
         desc="tokenizing",
     )
     columns = {
