@@ -170,6 +170,7 @@ class EvaluationConfig:
     max_new_tokens: int = 64
     num_draft_tokens: int = 3
     max_prompt_tokens: int = 512
+    ignore_eos: bool = False  # decode max_new_tokens even past the stop token
 
 
 @dataclass
@@ -181,6 +182,7 @@ class RegistryConfig:
     model_name: str = "smollm2-chitchat-eagle3"
     champion_alias: str = "champion"
     candidate_alias: str = "candidate"
+    ui_url: Optional[str] = None  # MLflow UI base for links; None = tracking URI if http(s)
 
 
 @dataclass

@@ -1,0 +1,552 @@
+"""Real speculative decoding with the HF target and an exported draft: tau, alpha_k, losslessness.
+
+The draft is loaded back from its HF export dir (what the engines load), never from trainer
+objects. Chain drafting, greedy verification, batch size 1, fp32 on CPU:
+
+* prefill: the target runs the prompt x_0..x_{P-1} and emits x_P (greedy);
+* round: the draft runs its step 0 on every position whose target features it has not consumed
+  yet (feature f_t with embed(x_{t+1}), DESIGN §3 alignment) and chains k-1 more steps on its own
+  outputs, proposing d_1..d_k; the target verifies [x_last, d_1..d_k] in one forward with its KV
+  cache and ``output_hidden_states``; the longest prefix of drafts equal to the target's argmax is
+  accepted, plus the target's own next token (the bonus). Target and draft caches are cropped to
+  the accepted length, so the next round sees exactly what TTT step 0 sees in training.
+
+tau = 1 + accepted drafts / verify steps (vLLM's "mean acceptance length"; a step that hits the
+stop token or ``max_new_tokens`` still counts what the target accepted, as vLLM does). alpha_k is
+the conditional acceptance of position k given positions < k were accepted. Every prompt is also
+decoded by a plain greedy loop over the same target; the run is lossless iff the tokens match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from spec_core.config import Config
+from spec_core.data.conversation import Conversation, Message
+from spec_core.errors import ConfigError, DataError, SpecflowError
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "acceptance.json"
+PLOT_FILE = "acceptance.png"
+NO_ASSISTANT_TURN = "no_assistant_turn"
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class EvalPrompt:
+    id: str
+    input_ids: list[int]
+
+
+@dataclass
+class PromptSet:
+    prompts: list[EvalPrompt]
+    skipped: dict[str, int]
+    considered: int
+
+
+def generation_prompt_ids(renderer: Any, messages: list[Message]) -> list[int]:
+    """Token ids of ``messages`` rendered as a prompt for the next assistant turn.
+
+    Rendered with a placeholder assistant turn and cut at its content start: the exact context
+    regeneration generates from and the draft is trained on (equal to ``add_generation_prompt``
+    on ChatML templates, and right for templates whose generation prompt differs from their
+    rendered history, such as reasoning templates).
+    """
+    from spec_core.data.render import assistant_spans
+
+    text = renderer.render(Conversation("prompt", [*messages, Message("assistant", "x")]))
+    spans = assistant_spans(text, renderer.template)
+    if not spans:
+        raise DataError(
+            f"chat template '{renderer.template_name}' rendered no assistant header; check "
+            "'dataset.chat_template'"
+        )
+    prefix = text[: spans[-1].content_start]
+    return list(renderer.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+
+def eval_prompt_ids(
+    conv: Conversation, renderer: Any, max_prompt_tokens: int
+) -> tuple[Optional[list[int]], Optional[str]]:
+    """The prompt of a held-out conversation: everything before its last assistant turn.
+
+    Too long: drop the earliest turns (never the system turn) until it fits, keeping a user turn
+    first. Returns (ids, None) or (None, skip reason).
+    """
+    last = max((i for i, m in enumerate(conv.messages) if m.role == "assistant"), default=None)
+    if last is None:
+        return None, NO_ASSISTANT_TURN
+    context = conv.messages[:last]
+    system = context[:1] if context and context[0].role == "system" else []
+    turns = context[len(system) :]
+    while turns:
+        ids = generation_prompt_ids(renderer, system + turns)
+        if len(ids) <= max_prompt_tokens:
+            return ids, None
+        turns = turns[1:]
+        while turns and turns[0].role != "user":
+            turns = turns[1:]
+    return None, PROMPT_TOO_LONG if context else NO_ASSISTANT_TURN
+
+
+def load_prompts(
+    eval_path: str | Path, renderer: Any, num_prompts: int, max_prompt_tokens: int
+) -> PromptSet:
+    """The first ``num_prompts`` usable held-out conversations of an eval split, in split order."""
+    from spec_core.data.tokenize import load_eval_conversations
+
+    prompts: list[EvalPrompt] = []
+    skipped: Counter = Counter()
+    considered = 0
+    for conv in load_eval_conversations(Path(eval_path)):
+        if len(prompts) >= num_prompts:
+            break
+        considered += 1
+        ids, reason = eval_prompt_ids(conv, renderer, max_prompt_tokens)
+        if ids is None:
+            skipped[reason] += 1
+        else:
+            prompts.append(EvalPrompt(conv.id, ids))
+    if not prompts:
+        raise DataError(
+            f"{eval_path}: no usable evaluation prompt among {considered} held-out conversations "
+            f"(skipped: {dict(skipped)}); raise 'evaluation.max_prompt_tokens' or "
+            "'dataset.eval_conversations'"
+        )
+    return PromptSet(prompts, dict(skipped), considered)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # new tokens, stop token included
+    wall_s: float
+    accepted: list[int] = field(default_factory=list)  # per verify step (speculative only)
+
+
+def crop_cache(cache: Any, keep: int) -> None:
+    """Keep the first ``keep`` positions of an HF cache (``crop``'s argument changed meaning in
+    transformers 5: a negative count of tokens to remove, where 4.x took the length to keep)."""
+    remove = cache.get_seq_length() - keep
+    if remove <= 0:
+        return
+    if "tokens_to_remove" in inspect.signature(cache.crop).parameters:
+        cache.crop(-remove)
+    else:
+        cache.crop(keep)
+
+
+def _finish(tokens: list[int], new: list[int], max_new: int, stop_ids: set[int]) -> bool:
+    """Append ``new`` to ``tokens`` up to the stop token / budget; True when decoding is done."""
+    for tok in new:
+        tokens.append(tok)
+        if tok in stop_ids or len(tokens) >= max_new:
+            return True
+    return False
+
+
+@torch.inference_mode()
+def greedy_decode(target: Any, prompt: list[int], max_new: int, stop_ids: set[int]) -> Decoded:
+    """Plain greedy decoding with a KV cache: one target forward per token (the baseline)."""
+    from transformers import DynamicCache
+
+    started = time.perf_counter()
+    cache = DynamicCache(config=target.config)
+    ids = torch.tensor([prompt])
+    tokens: list[int] = []
+    while True:
+        out = target(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = int(out.logits[0, -1].argmax())
+        if _finish(tokens, [tok], max_new, stop_ids):
+            break
+        ids = torch.tensor([[tok]])
+    return Decoded(tokens, time.perf_counter() - started)
+
+
+class SpeculativeDecoder:
+    """Chain drafting of k tokens by an ``Eagle3Draft``, greedy verification by the HF target."""
+
+    def __init__(self, target: Any, draft: Any, num_draft_tokens: int) -> None:
+        if num_draft_tokens < 1:
+            raise ConfigError(f"'evaluation.num_draft_tokens' must be >= 1, got {num_draft_tokens}")
+        layers = int(target.config.num_hidden_layers)
+        self.capture = list(draft.config.capture_indices)
+        if not self.capture or not all(0 <= k < layers for k in self.capture):
+            raise ConfigError(
+                f"draft capture indices {self.capture} invalid for a {layers}-layer target"
+            )
+        if draft.config.vocab_size != int(target.config.vocab_size):
+            raise ConfigError(
+                f"draft vocab {draft.config.vocab_size} != target vocab {target.config.vocab_size}"
+            )
+        self.target = target
+        self.draft = draft
+        self.k = num_draft_tokens
+
+    def _features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([hidden_states[i] for i in self.capture], dim=-1)
+
+    def _draft_token(self, hidden: torch.Tensor) -> int:
+        draft_id = self.draft.logits(hidden[:, -1]).argmax(-1)
+        return int(self.draft.draft_to_target(draft_id)[0])
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new: int, stop_ids: set[int]) -> Decoded:
+        from transformers import DynamicCache
+
+        started = time.perf_counter()
+        cache = DynamicCache(config=self.target.config)
+        out = self.target(
+            input_ids=torch.tensor([prompt]),
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        seq = list(prompt)  # every token known so far: x_0 .. x_{n+1}
+        first = int(out.logits[0, -1].argmax())
+        seq.append(first)
+        tokens: list[int] = []
+        accepted: list[int] = []
+        done = _finish(tokens, [first], max_new, stop_ids)
+        features = self._features(out.hidden_states)  # f_t not yet consumed by the draft
+        draft_cache = None
+        draft_len = 0  # positions whose step-0 entries are in the draft cache
+        while not done:
+            # Step 0 over the new positions t = draft_len.. with f_t and embed(x_{t+1}).
+            n_new = features.shape[1]
+            positions = torch.arange(draft_len, draft_len + n_new)[None]
+            ids = torch.tensor([seq[draft_len + 1 : draft_len + 1 + n_new]])
+            hidden, draft_cache = self.draft.decode(
+                ids, self.draft.project_features(features), positions, draft_cache
+            )
+            draft_len += n_new
+            drafts = [self._draft_token(hidden)]
+            chain_cache = draft_cache
+            for j in range(1, self.k):  # step j at position draft_len - 1 + j
+                hidden, chain_cache = self.draft.decode(
+                    torch.tensor([[drafts[-1]]]),
+                    hidden[:, -1:],
+                    torch.tensor([[draft_len - 1 + j]]),
+                    chain_cache,
+                )
+                drafts.append(self._draft_token(hidden))
+            out = self.target(
+                input_ids=torch.tensor([[seq[-1], *drafts]]),
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+            preds = out.logits[0].argmax(-1).tolist()  # k + 1 greedy target tokens
+            a = 0
+            while a < self.k and drafts[a] == preds[a]:
+                a += 1
+            accepted.append(a)
+            new = [*drafts[:a], preds[a]]
+            crop_cache(cache, len(seq) + a)  # keeps x_0 .. x_{n+1+a}
+            features = self._features(out.hidden_states)[:, : a + 1]
+            seq.extend(new)
+            done = _finish(tokens, new, max_new, stop_ids)
+        return Decoded(tokens, time.perf_counter() - started, accepted)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def acceptance_stats(accepted: list[int], k: int) -> dict[str, Any]:
+    """tau, per-position conditional (alpha) and unconditional acceptance from accepted counts."""
+    steps = len(accepted)
+    per_pos = [sum(1 for a in accepted if a > i) for i in range(k)]
+    reached = [steps, *per_pos[:-1]]
+    histogram = [sum(1 for a in accepted if a == i) for i in range(k + 1)]
+    total = sum(accepted)
+    return {
+        "tau": 1.0 + total / steps if steps else 1.0,
+        "alpha": [p / r if r else 0.0 for p, r in zip(per_pos, reached, strict=True)],
+        "accept_rate_per_position": [p / steps if steps else 0.0 for p in per_pos],
+        "acceptance_rate": total / (steps * k) if steps else 0.0,
+        "num_steps": steps,
+        "num_draft_tokens": steps * k,
+        "num_accepted_tokens": total,
+        "accepted_per_position": per_pos,
+        "accept_length_histogram": histogram,
+    }
+
+
+def eval_set_hash(prompts: list[EvalPrompt], settings: dict[str, Any]) -> str:
+    """What makes two tau values comparable: the same prompt tokens, target and decoding settings."""
+    blob = json.dumps(
+        {"prompts": [p.input_ids for p in prompts], "settings": settings}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def stop_token_ids(target_dir: Path, tokenizer: Any) -> set[int]:
+    """The target's eos ids (generation config, then model config) plus the tokenizer's eos."""
+    stops: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(target_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            stops.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+            if stops:
+                break
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    return {int(s) for s in stops}
+
+
+def load_target(target_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def run_evaluation(
+    target: Any,
+    draft: Any,
+    prompts: list[EvalPrompt],
+    *,
+    num_draft_tokens: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+) -> dict[str, Any]:
+    """Decode every prompt speculatively and plainly; per-prompt records plus the aggregate."""
+    decoder = SpeculativeDecoder(target, draft, num_draft_tokens)
+    records, all_accepted = [], []
+    spec_s = base_s = 0.0
+    spec_tokens = base_tokens = 0
+    for p in prompts:
+        spec = decoder.generate(p.input_ids, max_new_tokens, stop_ids)
+        base = greedy_decode(target, p.input_ids, max_new_tokens, stop_ids)
+        same = spec.tokens == base.tokens
+        if not same:
+            diverge = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(spec.tokens, base.tokens, strict=False))
+                    if a != b
+                ),
+                min(len(spec.tokens), len(base.tokens)),
+            )
+            log.warning("prompt %s: speculative output diverges at token %d", p.id, diverge)
+        all_accepted += spec.accepted
+        spec_s, base_s = spec_s + spec.wall_s, base_s + base.wall_s
+        spec_tokens, base_tokens = spec_tokens + len(spec.tokens), base_tokens + len(base.tokens)
+        records.append(
+            {
+                "id": p.id,
+                "prompt_tokens": len(p.input_ids),
+                "new_tokens": len(spec.tokens),
+                "steps": len(spec.accepted),
+                "tau": 1.0 + sum(spec.accepted) / max(1, len(spec.accepted)),
+                "accepted": spec.accepted,
+                "lossless": same,
+                "tokens": spec.tokens,
+            }
+        )
+    stats = acceptance_stats(all_accepted, num_draft_tokens)
+    return {
+        **stats,
+        "lossless": all(r["lossless"] for r in records),
+        "mismatched_prompts": [r["id"] for r in records if not r["lossless"]],
+        "num_prompts": len(prompts),
+        "generated_tokens": spec_tokens,
+        "speculative": {"wall_s": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9)},
+        "baseline": {
+            "tau": 1.0,  # plain greedy: one token per target forward
+            "wall_s": base_s,
+            "tokens_per_s": base_tokens / max(base_s, 1e-9),
+        },
+        "wall_speedup": base_s / max(spec_s, 1e-9),
+        "prompts": records,
+    }
+
+
+@dataclass
+class EvalSettings:
+    num_draft_tokens: int
+    max_new_tokens: int
+    max_prompt_tokens: int
+    ignore_eos: bool
+    target_revision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_draft(
+    cfg: Config,
+    hf_dir: str | Path,
+    target_dir: str | Path,
+    eval_path: str | Path,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """Evaluate an exported draft on the held-out prompts; write the JSON and the plot."""
+    from transformers import AutoTokenizer
+
+    from spec_core.data.regenerate import target_fingerprint
+    from spec_core.data.render import ConversationRenderer
+    from spec_core.export import load_hf_draft
+
+    ev = cfg.evaluation
+    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    renderer = ConversationRenderer(tokenizer, cfg.dataset.chat_template)
+    prompt_set = load_prompts(eval_path, renderer, ev.num_prompts, ev.max_prompt_tokens)
+    settings = EvalSettings(
+        ev.num_draft_tokens,
+        ev.max_new_tokens,
+        ev.max_prompt_tokens,
+        ev.ignore_eos,
+        target_fingerprint(target_dir)[:16],
+    )
+    stop_ids = set() if ev.ignore_eos else stop_token_ids(target_dir, tokenizer)
+    torch.manual_seed(0)
+    target = load_target(target_dir)
+    draft = load_hf_draft(hf_dir, target_dir, cfg.target.embedding_key)
+    log.info("evaluating %s on %d prompts", hf_dir, len(prompt_set.prompts))
+    result = run_evaluation(
+        target,
+        draft,
+        prompt_set.prompts,
+        num_draft_tokens=ev.num_draft_tokens,
+        max_new_tokens=ev.max_new_tokens,
+        stop_ids=stop_ids,
+    )
+    result.update(
+        {
+            "eval_set_hash": eval_set_hash(prompt_set.prompts, settings.to_dict()),
+            "dataset_hash": _dataset_hash(Path(eval_path)),
+            "settings": settings.to_dict(),
+            "hf_dir": str(hf_dir),
+            "target_dir": str(target_dir),
+            "eval_path": str(eval_path),
+            "skipped": prompt_set.skipped,
+        }
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / RESULT_FILE
+    tmp = result_path.with_name(result_path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    tmp.replace(result_path)
+    result["result_path"] = str(result_path)
+    result["plot_path"] = str(plot_acceptance(result, out_dir / PLOT_FILE))
+    return result
+
+
+def _dataset_hash(eval_path: Path) -> Optional[str]:
+    """The tokenized data's cache key (``prepared.json`` next to the split), when there is one."""
+    manifest = eval_path.parent / "prepared.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("cache_key")
+    return None
+
+
+def plot_acceptance(result: dict[str, Any], path: Path) -> Path:
+    """Per-position alpha and the distribution of tokens emitted per target step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(result["alpha"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    positions = list(range(1, k + 1))
+    left.bar(positions, result["alpha"], color="#4c72b0", label="conditional α_k")
+    left.plot(
+        positions, result["accept_rate_per_position"], "o-", color="#dd8452", label="unconditional"
+    )
+    left.set(
+        xlabel="draft position k",
+        ylabel="acceptance",
+        ylim=(0, 1),
+        xticks=positions,
+        title="per-position acceptance",
+    )
+    left.legend(fontsize=8)
+    hist = result["accept_length_histogram"]
+    right.bar(list(range(1, k + 2)), hist, color="#55a868")
+    right.set(
+        xlabel="tokens per target step",
+        ylabel="steps",
+        xticks=list(range(1, k + 2)),
+        title=f"τ = {result['tau']:.3f} ({result['num_prompts']} prompts)",
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    alpha = " ".join(f"{a:.3f}" for a in result["alpha"])
+    return (
+        f"tau {result['tau']:.3f}  alpha_k {alpha}  lossless {result['lossless']}  "
+        f"prompts {result['num_prompts']}  steps {result['num_steps']}  "
+        f"wall speedup {result['wall_speedup']:.2f}x"
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``specflow evaluate --draft HF_DIR [--config C] [overrides]``: tau on held-out prompts."""
+    from spec_core.assets import resolve_target_path
+    from spec_core.config import load_config
+    from spec_core.data.tokenize import prepare_dataset
+    from spec_core.paths import RunPaths, cache_dir
+
+    parser = argparse.ArgumentParser(prog="specflow evaluate", description=main.__doc__)
+    parser.add_argument("--draft", required=True, help="exported HF draft dir")
+    parser.add_argument("--config", default=None, help="YAML preset")
+    parser.add_argument("--eval-data", default=None, help="tokenized eval split (default: cached)")
+    parser.add_argument("--out", default=None, help="output dir (default: <run>/eval)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    paths = RunPaths.from_config(cfg)
+    target_dir = resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
+    eval_path = args.eval_data
+    if eval_path is None:
+        prepared = prepare_dataset(cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg))
+        eval_path = prepared.eval_path
+    if not Path(args.draft, "config.json").is_file():
+        raise ConfigError(f"--draft {args.draft}: not an exported draft dir (no config.json)")
+    result = evaluate_draft(cfg, args.draft, target_dir, eval_path, args.out or paths.eval_dir)
+    print(summary_line(result))
+    print(f"results: {result['result_path']}  plot: {result['plot_path']}")
+    return 0 if result["lossless"] else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SpecflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
