@@ -39,6 +39,7 @@ class RegenerateConfig:
     concurrency: int = 4  # endpoint engine: requests in flight
     request_timeout_s: float = 120.0
     max_retries: int = 3
+    max_turns: Optional[int] = None  # keep the first N messages (after any system) before regenerating
 
 
 @dataclass
@@ -127,6 +128,9 @@ class TransferConfig:
     put_timeout_s: float = 120.0  # bounded wait when the store is full
     pop_timeout_s: float = 600.0  # trainer wait for the next sample before failing
     connect_timeout_s: float = 30.0
+    holder_address: Optional[str] = None  # external segment holder host:port (None = start one)
+    client_mode: str = "auto"  # auto | shm (same host as the holder) | tcp
+    client_segment_mb: int = 0  # memory each tcp-mode client mounts (external stores without a holder)
 
 
 @dataclass
@@ -234,6 +238,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inference.dtype": ("float32", "bfloat16", "float16"),
     "inference.device": ("auto", "cpu", "cuda"),
     "transfer.protocol": ("tcp", "rdma"),
+    "transfer.client_mode": ("auto", "shm", "tcp"),
     "training.lr_schedule": ("cosine", "linear", "constant", "wsd"),
     "training.dtype": ("float32", "bfloat16"),
     "training.fsdp_strategy": ("full_shard", "replicate"),

@@ -18,8 +18,11 @@ TENSOR_NAMES = ("input_ids", "loss_mask", "aux_hidden", "last_hidden")
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "uint8": 1}
 
 
-def tensor_key(run: str, epoch: int, sample_id: str, name: str) -> str:
-    return f"{run}/{epoch}/{sample_id}/{name}"
+def tensor_key(run: str, epoch: int, sample_id: str, name: str, attempt: int = 0) -> str:
+    """Attempt > 0 (a sample re-produced after its producer died) gets its own keys, so a late
+    writer of an earlier attempt can never overwrite or delete the data a trainer is reading."""
+    suffix = f".{attempt}" if attempt else ""
+    return f"{run}/{epoch}/{sample_id}/{name}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class SampleRef:
     sample_id: str
     tensors: dict[str, TensorMeta] = field(default_factory=dict)
     producer: str = ""
+    attempt: int = 0  # production attempt (see tensor_key); 0 unless a claim was re-claimed
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +63,7 @@ class SampleRef:
                 "epoch": self.epoch,
                 "sample_id": self.sample_id,
                 "producer": self.producer,
+                "attempt": self.attempt,
                 "nbytes": self.nbytes,
                 "tensors": {
                     name: {"key": t.key, "shape": list(t.shape), "dtype": t.dtype}
@@ -86,6 +91,7 @@ class SampleRef:
                 sample_id=str(data["sample_id"]),
                 tensors=tensors,
                 producer=str(data.get("producer", "")),
+                attempt=int(data.get("attempt", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ServiceError(f"malformed SampleRef on the key queue: {exc}") from None

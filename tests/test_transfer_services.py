@@ -1,0 +1,249 @@
+"""Mooncake services and the store client against a real master, metadata server and holder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spec_core.config import TransferConfig
+from spec_core.errors import ConfigError, ServiceError
+from spec_core.transfer.mooncake import MissingDataError, StoreFullError, master_metrics
+from spec_core.transfer.records import TensorMeta
+from spec_core.transfer.services import ServiceAddresses, start_services
+
+SEGMENT_MB = 256
+
+
+@pytest.fixture(scope="module")
+def cfg() -> TransferConfig:
+    return TransferConfig(
+        global_segment_mb=SEGMENT_MB, byte_budget_mb=64, put_timeout_s=1.0, connect_timeout_s=5.0
+    )
+
+
+@pytest.fixture(scope="module")
+def services(cfg, tmp_path_factory):
+    handle = start_services(cfg, "test-services", tmp_path_factory.mktemp("svc-logs"))
+    yield handle
+    handle.stop()
+
+
+def _listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket ``pid`` listens on, from /proc (no tools needed)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                continue
+            hex_addr, hex_port = cols[1].split(":")
+            if v6:
+                addr = "::" if set(hex_addr) == {"0"} else hex_addr
+            else:
+                addr = ".".join(str(int(hex_addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            out.append((addr, int(hex_port, 16)))
+    return out
+
+
+def test_servers_listen_on_loopback_only(services):
+    by_name = {p.name: p.pid for p in services.processes}
+    a = services.addresses
+    for name in ("mooncake-metadata", "mooncake-master"):
+        socks = _listening(by_name[name])
+        assert socks, name
+        assert all(addr == "127.0.0.1" for addr, _ in socks), (name, socks)
+    master_port = int(a.master.rsplit(":", 1)[1])
+    assert ("127.0.0.1", master_port) in _listening(by_name["mooncake-master"])
+    # The key-queue TCPStore master lives in this process.
+    queue_port = int(a.queue.rsplit(":", 1)[1])
+    mine = [s for s in _listening(os.getpid()) if s[1] == queue_port]
+    assert mine == [("127.0.0.1", queue_port)]
+    # The holder's own RPC port is loopback; its transfer-engine listeners are not (documented
+    # Mooncake behaviour, hence unshare -n in tests).
+    holder_port = int(a.holder.rsplit(":", 1)[1])
+    assert ("127.0.0.1", holder_port) in _listening(by_name["mooncake-holder"])
+
+
+def test_addresses_round_trip_as_json_dict(services):
+    a = services.addresses
+    assert ServiceAddresses.from_dict(a.to_dict()) == a
+    with pytest.raises(ConfigError, match="unknown fields"):
+        ServiceAddresses.from_dict({**a.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("mode", ["shm", "tcp"])
+def test_round_trip_bit_identical_and_force_remove(services, cfg, mode):
+    client = services.addresses.connect_store(dataclasses.replace(cfg, client_mode=mode))
+    assert client.mode == mode
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"{mode}/a": torch.randn(37, 3 * 64, generator=g),
+        f"{mode}/b": torch.randn(5, 64, generator=g).to(torch.bfloat16),
+        f"{mode}/c": torch.randint(0, 49152, (37,), generator=g),
+        f"{mode}/d": torch.randint(0, 2, (37,), generator=g).to(torch.uint8),
+        f"{mode}/e": torch.randn(3000, 576, generator=g),  # 6.9 MB: grows the staging buffer
+    }
+    try:
+        client.put(list(tensors.items()))
+        metas = [
+            TensorMeta(k, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for k, t in tensors.items()
+        ]
+        for (key, want), got in zip(tensors.items(), client.get(metas), strict=True):
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+        # A lease follows every read; force removal must still delete the objects.
+        assert client.remove(list(tensors)) == len(tensors)
+        assert not client.exists(f"{mode}/a")
+        with pytest.raises(MissingDataError):
+            client.get(metas[:1])
+    finally:
+        client.close()
+
+
+def test_every_read_is_size_checked(services, cfg):
+    client = services.addresses.connect_store(cfg)
+    try:
+        client.put([("sized", torch.zeros(100, dtype=torch.float32))])
+        with pytest.raises(ServiceError, match="expected 200 bytes"):
+            client.get([TensorMeta("sized", (50,), "float32")])  # ref claims fewer bytes
+        with pytest.raises(ServiceError, match="expected 800 bytes"):
+            client.get([TensorMeta("sized", (200,), "float32")])  # ref claims more bytes
+    finally:
+        client.remove(["sized"])
+        client.close()
+
+
+def test_store_full_is_a_bounded_wait_then_one_error(services, cfg):
+    client = services.addresses.connect_store(cfg)
+    chunk = torch.ones(60 * (1 << 20), dtype=torch.uint8)
+    keys = []
+    try:
+        for i in range(SEGMENT_MB // 60):  # fill the segment: 4 x 60 MB of 256 MB
+            client.put([(f"fill/{i}", chunk)])
+            keys.append(f"fill/{i}")
+        t0 = time.monotonic()
+        with pytest.raises(StoreFullError, match="byte_budget_mb"):
+            client.put([("fill/overflow", chunk)])
+        assert 0.9 <= time.monotonic() - t0 < 10
+        metrics = master_metrics(services.addresses.metrics_url)
+        assert all(client.exists(k) for k in keys)  # nothing evicted to make room
+        assert metrics["master_allocated_bytes"] == len(keys) * chunk.numel()
+        assert metrics.get("master_evicted_key_count", 0) == 0
+    finally:
+        client.remove(keys)
+        client.close()
+
+
+def test_put_waits_for_room_instead_of_failing(services, cfg):
+    import threading
+
+    client = services.addresses.connect_store(dataclasses.replace(cfg, put_timeout_s=20.0))
+    other = services.addresses.connect_store(cfg)
+    chunk = torch.ones(60 * (1 << 20), dtype=torch.uint8)
+    keys = [f"room/{i}" for i in range(SEGMENT_MB // 60)]
+    try:
+        for k in keys:
+            client.put([(k, chunk)])
+        timer = threading.Timer(1.0, lambda: other.remove(keys[:1]))
+        timer.start()
+        t0 = time.monotonic()
+        client.put([("room/late", chunk)])  # succeeds once the other client frees space
+        assert time.monotonic() - t0 >= 0.8
+        timer.join()
+    finally:
+        client.remove(keys + ["room/late"])
+        client.close()
+        other.close()
+
+
+def test_bad_addresses_fail_fast_with_one_clear_error(services, cfg, tmp_path):
+    quick = dataclasses.replace(cfg, connect_timeout_s=1.0)
+    dead = "127.0.0.1:1"
+    bad = dataclasses.replace(services.addresses, master=dead, holder=dead)
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError, match="not reachable"):
+        bad.connect_store(quick)
+    with pytest.raises(ServiceError, match="mooncake_master at 127.0.0.1:1 is not reachable"):
+        bad.connect_store(dataclasses.replace(quick, client_mode="tcp"))
+    with pytest.raises(ServiceError, match="key-queue TCPStore"):
+        dataclasses.replace(services.addresses, queue=dead).connect_queue(1.0)
+    assert time.monotonic() - t0 < 15
+    # External services that are not running: start_services says so instead of hanging.
+    external = dataclasses.replace(
+        quick,
+        master_address=dead,
+        metadata_server="http://127.0.0.1:1/metadata",
+        queue_address=dead,
+    )
+    with pytest.raises(ServiceError, match="mooncake_master at 127.0.0.1:1"):
+        start_services(external, "ext", tmp_path)
+    with pytest.raises(ConfigError, match="missing transfer.metadata_server"):
+        start_services(dataclasses.replace(quick, master_address=dead), "ext", tmp_path)
+    with pytest.raises(ConfigError, match="host:port"):
+        dataclasses.replace(services.addresses, holder="nonsense").connect_store(quick)
+
+
+def test_attach_to_external_services(services, cfg, tmp_path):
+    a = services.addresses
+    external = dataclasses.replace(
+        cfg,
+        master_address=a.master,
+        metadata_server=a.metadata_url,
+        queue_address=a.queue,
+        holder_address=a.holder,
+    )
+    with start_services(external, "attached", tmp_path) as handle:
+        assert handle.processes == []
+        client = handle.addresses.connect_store(external)
+        client.put([("attached/x", torch.arange(10))])
+        assert torch.equal(
+            client.get([TensorMeta("attached/x", (10,), "int64")])[0], torch.arange(10)
+        )
+        client.remove(["attached/x"])
+        client.close()
+        assert handle.addresses.connect_queue().gate_open()
+
+
+def test_stop_ends_every_process_it_started(cfg, tmp_path):
+    handle = start_services(cfg, "stop-me", tmp_path)
+    pids = [p.pid for p in handle.processes]
+    assert len(pids) == 3 and all(p.alive() for p in handle.processes)
+    handle.stop()
+    handle.stop()  # idempotent
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
+    assert (tmp_path / "mooncake-master.log").stat().st_size > 0  # logs captured
+
+
+def test_failure_during_startup_stops_what_was_started(tmp_path):
+    # A holder that cannot get its memory dies at startup; master + metadata must not leak.
+    huge = TransferConfig(global_segment_mb=1 << 30, byte_budget_mb=64, connect_timeout_s=5.0)
+    before = {p.name for p in Path("/proc").iterdir() if p.name.isdigit()}
+    with pytest.raises(ServiceError, match="holder"):
+        start_services(huge, "doomed", tmp_path)
+    time.sleep(0.2)
+    leaked = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and p.name not in before:
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"mooncake" in cmd and b"zombie" not in (p / "status").read_bytes():
+                leaked.append(cmd)
+    assert not leaked
