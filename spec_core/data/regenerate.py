@@ -1,0 +1,785 @@
+"""On-policy training data: replace assistant turns with the target's own responses.
+
+A draft is judged on the target's own outputs, so it should be trained on them: human replies teach
+it the wrong distribution. For every conversation, system/user/tool turns are kept byte for byte
+and the assistant turns chosen by ``dataset.regenerate.turns`` (``last`` or ``all``) are replaced by
+the target's reply to the conversation so far (earlier turns already regenerated), generated from
+the prompt specflow's own chat template renders, stopping at the template's end of turn.
+
+Length: a turn is regenerated only if its prompt plus ``max_new_tokens`` (plus the template's
+trailing token) fits in ``dataset.max_seq_length``, so tokenization never cuts a regenerated reply.
+A conversation is cut to end at the assistant turn before the first one that cannot be regenerated
+(too long, or the target answered with nothing); with ``turns: last`` that earlier turn is the one
+regenerated. Conversations with no turn left are skipped and counted by reason in the manifest.
+
+Output, under ``work_dir/regenerated/<cache_key>/``: ``conversations.jsonl`` (OpenAI ``messages``
+records in source order, read back by ``load_conversations``) and ``manifest.json``, written last
+(a completed entry is one with a manifest). While running, each finished conversation is appended
+to ``partial.jsonl`` (flushed and fsynced), so a crash loses at most the batch in flight and a
+rerun continues where it stopped. Batches are a fixed function of the data and config (never of
+what was already done), so with greedy decoding a resumed run writes the same bytes as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from spec_core.config import Config, RegenerateConfig
+from spec_core.data.conversation import Conversation, Message
+from spec_core.data.generators import (
+    STOP,
+    Completion,
+    Generator,
+    HFGenerator,
+    OpenAIGenerator,
+    SamplingParams,
+    derive_seed,
+)
+from spec_core.data.load import data_sources, load_conversations
+from spec_core.data.render import ConversationRenderer, assistant_spans
+from spec_core.errors import ConfigError, DataError, SpecflowError
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "conversations.jsonl"
+MANIFEST = "manifest.json"
+PARTIAL = "partial.jsonl"
+PROMPT_TOO_LONG = "prompt_too_long"  # skip reasons, counted in the manifest
+EMPTY_RESPONSE = "empty_response"
+NO_REPLACEABLE_TURN = "no_replaceable_turn"  # every assistant turn is a tool call (kept as is)
+TAIL_TOKENS = 1  # what a template renders after the end-of-turn token ('\n' in ChatML)
+_CODE_FILES = ("regenerate.py", "generators.py", "render.py", "templates.py", "conversation.py")
+_TARGET_META = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_THINK = re.compile(r"^\s*(?:<think>)?(.*?)</think>(.*)$", re.DOTALL)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RegenResult:
+    output_path: Path
+    manifest_path: Path
+    cache_key: str
+    cached: bool
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_path": str(self.output_path),
+            "manifest_path": str(self.manifest_path),
+            "cache_key": self.cache_key,
+            "cached": self.cached,
+            "manifest": self.manifest,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegenResult:
+        return cls(
+            Path(data["output_path"]),
+            Path(data["manifest_path"]),
+            data["cache_key"],
+            bool(data["cached"]),
+            dict(data.get("manifest", {})),
+        )
+
+
+# ----------------------------------------------------------------------------- cache key
+
+
+def code_version() -> str:
+    """Hash of the sources that decide what is generated (this step, generators, rendering)."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset_path: Path) -> str:
+    """sha256 over every data file under ``dataset_path`` (names and bytes)."""
+    h = hashlib.sha256()
+    dataset_path = Path(dataset_path)
+    for source in data_sources(dataset_path):
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for f in files:
+            name = f.relative_to(dataset_path) if dataset_path.is_dir() else Path(f.name)
+            h.update(str(name).encode() + b"\0")
+            _update_file(h, f)
+    return h.hexdigest()
+
+
+def target_fingerprint(target_dir: Path) -> str:
+    """Config and tokenizer files in full; weight files by size plus 16 evenly spaced 1 MiB
+    samples, which is cheap on a multi-GB checkpoint and still changes with any retraining."""
+    h = hashlib.sha256()
+    target_dir = Path(target_dir)
+    for name in _TARGET_META:
+        if (target_dir / name).is_file():
+            h.update(name.encode() + b"\0")
+            _update_file(h, target_dir / name)
+    weights = sorted(
+        p for p in target_dir.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+    )
+    for path in weights:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as fh:
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def _update_file(h: Any, path: Path) -> None:
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    h.update(b"\0")
+
+
+def sampling_settings(rc: RegenerateConfig) -> dict[str, Any]:
+    """What changes the sampled tokens; greedy output depends on neither seed nor top_p."""
+    if rc.temperature <= 0:
+        return {"temperature": 0.0}
+    return {"temperature": rc.temperature, "top_p": rc.top_p, "seed": rc.seed}
+
+
+def key_components(cfg: Config, dataset_path: Path, target_dir: Path) -> dict[str, Any]:
+    """Everything the regenerated dataset depends on, by name (the cache key hashes this)."""
+    rc, ds = cfg.dataset.regenerate, cfg.dataset
+    engine: dict[str, Any] = {"engine": rc.engine}
+    if rc.engine == "openai":
+        engine["model_name"] = rc.model_name
+    return {
+        "dataset": dataset_fingerprint(dataset_path),
+        "target": target_fingerprint(target_dir),
+        "template": ds.chat_template,
+        "selection": {
+            "messages_key": ds.messages_key,
+            "dataset_max_conversations": ds.max_conversations,
+            "max_conversations": rc.max_conversations,
+            "turns": rc.turns,
+            "max_turns": rc.max_turns,
+            "max_seq_length": ds.max_seq_length,
+        },
+        "sampling": {**sampling_settings(rc), "max_new_tokens": rc.max_new_tokens},
+        "engine": engine,
+        "code": code_version(),
+    }
+
+
+def regen_cache_key(cfg: Config, dataset_path: Path, target_dir: Path) -> str:
+    """The key ``regenerate_dataset`` stores under: hashes of files and settings, no generation."""
+    blob = json.dumps(key_components(cfg, dataset_path, target_dir), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+@dataclass
+class _Job:
+    """One conversation on its way through regeneration."""
+
+    index: int  # position in source order
+    original: Conversation
+    messages: list[Message]
+    pending: list[int]  # message indices still to regenerate, ascending
+    prompt: list[int] = field(default_factory=list)  # token ids for pending[0]
+    regenerated: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    hit_max_new_tokens: int = 0
+    cut: bool = False  # ended before a turn that could not be regenerated
+    skip: Optional[str] = None
+    gen_seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.skip is not None or not self.pending
+
+    def record(self) -> dict[str, Any]:
+        conv = None if self.skip else Conversation(self.original.id, self.messages).to_dict()
+        return {
+            "index": self.index,
+            "id": self.original.id,
+            "conversation": conv,
+            "skip": self.skip,
+            "stats": {
+                "regenerated": self.regenerated,
+                "generated_tokens": self.generated_tokens,
+                "prompt_tokens": self.prompt_tokens,
+                "hit_max_new_tokens": self.hit_max_new_tokens,
+                "cut": self.cut,
+                "gen_seconds": round(self.gen_seconds, 4),
+            },
+        }
+
+
+class _Planner:
+    """Builds prompts with the chat template and decides which turns fit (thread-safe)."""
+
+    def __init__(self, renderer: ConversationRenderer, rc: RegenerateConfig, max_seq_length: int):
+        self.renderer = renderer
+        self.turns = rc.turns
+        self.max_turns = rc.max_turns
+        self.budget = max_seq_length - rc.max_new_tokens - TAIL_TOKENS
+        self.split_reasoning = "</think>" in renderer.template.special_tokens
+        self._lock = threading.Lock()  # HF tokenizers are not safe to share across threads
+
+    def job(self, index: int, conv: Conversation) -> _Job:
+        messages = list(conv.messages)
+        if self.max_turns is not None:
+            head = 1 if messages and messages[0].role == "system" else 0
+            messages = messages[: head + self.max_turns]
+        replaceable = [
+            i for i, m in enumerate(messages) if m.role == "assistant" and not m.tool_calls
+        ]
+        pending = replaceable if self.turns == "all" else replaceable[-1:]
+        job = _Job(index, conv, messages, pending)
+        if not pending:
+            job.skip = NO_REPLACEABLE_TURN
+        self.next_prompt(job)
+        return job
+
+    def next_prompt(self, job: _Job) -> None:
+        """Set ``job.prompt`` for its next turn, cutting the conversation where a turn is too long."""
+        while not job.finished:
+            target = job.pending[0]
+            prompt = self.prompt_ids(job.messages[: target + 1])
+            if len(prompt) <= self.budget:
+                job.prompt = prompt
+                return
+            self.cut(job, target, PROMPT_TOO_LONG)
+
+    def cut(self, job: _Job, target: int, reason: str) -> None:
+        """End the conversation at the last assistant turn before ``target`` (a dangling user turn
+        would only cost tokens); with turns=last that turn becomes the one to regenerate. Skip
+        the conversation when no regenerated turn remains."""
+        messages = job.messages[:target]
+        while messages and messages[-1].role != "assistant":
+            messages.pop()
+        job.messages = messages
+        job.cut = True
+        if self.turns == "last":
+            earlier = [
+                i for i, m in enumerate(job.messages) if m.role == "assistant" and not m.tool_calls
+            ]
+            job.pending = earlier[-1:]
+        else:
+            job.pending = []
+        if not job.pending and job.regenerated == 0:
+            job.skip = reason
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids of the rendered conversation up to the content of its last (assistant)
+        message: exactly the context the draft is trained on, cut at the assistant header."""
+        with self._lock:
+            text = self.renderer.render(Conversation("prompt", messages))
+            spans = assistant_spans(text, self.renderer.template)
+            if not spans:
+                raise DataError(
+                    f"chat template '{self.renderer.template_name}' rendered no assistant header "
+                    "for a conversation; check 'dataset.chat_template'"
+                )
+            prefix = text[: spans[-1].content_start]
+            return list(self.renderer.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+    def apply(self, job: _Job, completion: Completion, max_new_tokens: int) -> None:
+        target = job.pending[0]
+        job.generated_tokens += completion.num_tokens
+        job.prompt_tokens += len(job.prompt)
+        reasoning, content = self.split(completion.text)
+        if not content.strip():
+            self.cut(job, target, EMPTY_RESPONSE)
+        else:
+            old = job.messages[target]
+            job.messages[target] = Message("assistant", content, reasoning, None, old.name)
+            job.regenerated += 1
+            job.hit_max_new_tokens += completion.finish_reason != STOP
+            job.pending = job.pending[1:]
+        self.next_prompt(job)
+
+    def split(self, text: str) -> tuple[Optional[str], str]:
+        """(reasoning, answer) of a reply from a thinking template; (None, text) otherwise or
+        when the thinking block never closed (cut by max_new_tokens)."""
+        match = _THINK.match(text) if self.split_reasoning else None
+        if match is None:
+            return None, text
+        reasoning = match.group(1).strip("\n")
+        return (reasoning or None), match.group(2).lstrip("\n")
+
+
+def _stop_tokens(renderer: ConversationRenderer, target_dir: Path) -> list[int]:
+    """The template's single-token end-of-turn markers plus the model's eos ids."""
+    template = renderer.template
+    if template.name == "gpt-oss":
+        raise ConfigError(
+            "regeneration does not support the gpt-oss (harmony channels) template yet; set "
+            "'dataset.regenerate.enabled: false'"
+        )
+    tokenizer = renderer.tokenizer
+    stops = set()
+    for end in template.end_of_turn:
+        ids = tokenizer(end, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            stops.add(int(ids[0]))
+    if not stops:
+        raise ConfigError(
+            f"end-of-turn {template.end_of_turn} of template '{template.name}' is not a single "
+            "token in this tokenizer; is 'dataset.chat_template' right for this target?"
+        )
+    for name in ("generation_config.json", "config.json"):
+        path = Path(target_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            break
+    return sorted(int(s) for s in stops)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def regenerate_dataset(
+    cfg: Config,
+    dataset_path: Path,
+    target_dir: Path,
+    work_dir: Path,
+    progress: Optional[Progress] = None,
+) -> RegenResult:
+    """The dataset at ``dataset_path`` with its assistant turns regenerated by the target, from the
+    cache when the key matches, resuming a run that stopped part-way."""
+    dataset_path, target_dir = Path(dataset_path), Path(target_dir)
+    components = key_components(cfg, dataset_path, target_dir)
+    key = hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:20]
+    out = Path(work_dir) / "regenerated" / key
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / ".lock"):
+        if (out / MANIFEST).is_file():
+            log.info("regenerated data cache hit: %s", out)
+            manifest = json.loads((out / MANIFEST).read_text())
+            if progress is not None:
+                progress(manifest["counts"]["selected"], manifest["counts"]["selected"])
+            return RegenResult(out / OUTPUT, out / MANIFEST, key, True, manifest)
+        manifest = _run(cfg, dataset_path, target_dir, out, components, key, progress)
+    return RegenResult(out / OUTPUT, out / MANIFEST, key, False, manifest)
+
+
+def _run(
+    cfg: Config,
+    dataset_path: Path,
+    target_dir: Path,
+    out: Path,
+    components: dict[str, Any],
+    key: str,
+    progress: Optional[Progress],
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    rc, ds = cfg.dataset.regenerate, cfg.dataset
+    _check(rc)
+    started = time.perf_counter()
+    limit = _min_optional(ds.max_conversations, rc.max_conversations)
+    loaded = load_conversations(dataset_path, ds.messages_key, limit=limit)
+    renderer = ConversationRenderer(AutoTokenizer.from_pretrained(target_dir), ds.chat_template)
+    planner = _Planner(renderer, rc, ds.max_seq_length)
+    if planner.budget <= 0:
+        raise ConfigError(
+            f"'dataset.regenerate.max_new_tokens' ({rc.max_new_tokens}) leaves no room for a "
+            f"prompt in 'dataset.max_seq_length' ({ds.max_seq_length}); lower it"
+        )
+    params = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.seed)
+    partial = out / PARTIAL
+    done = _read_partial(partial)
+    resumed = len(done)
+    total = len(loaded.conversations)
+    # Plan every conversation, done or not: batches must not depend on what a killed run left.
+    jobs = [planner.job(i, conv) for i, conv in enumerate(loaded.conversations)]
+    if resumed:
+        log.info("resuming %s: %d of %d conversations already done", out, resumed, total)
+    with _Appender(partial, done, total, progress) as appender:
+        appender.write([j for j in jobs if j.finished])  # skipped before any generation
+        todo = [j for j in jobs if not j.finished]
+        if any(j.index not in appender.records for j in todo):
+            generator = _make_generator(cfg, target_dir, renderer)
+            try:
+                _generate_all(todo, generator, planner, params, appender)
+            finally:
+                generator.close()
+        records = appender.records
+    manifest = _manifest(
+        cfg, components, key, dataset_path, target_dir, renderer, loaded, records, resumed
+    )
+    manifest["wall_time_s"] = round(time.perf_counter() - started, 2)
+    _write_output(out, records)
+    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    partial.unlink(missing_ok=True)
+    counts = manifest["counts"]
+    log.info(
+        "regenerated %d turns in %d conversations (%d skipped), %d tokens at %.1f tok/s -> %s",
+        counts["turns_regenerated"],
+        counts["written"],
+        sum(counts["skipped"].values()),
+        manifest["tokens_generated"],
+        manifest["tokens_per_s"],
+        out / OUTPUT,
+    )
+    return manifest
+
+
+def _generate_all(
+    jobs: list[_Job],
+    generator: Generator,
+    planner: _Planner,
+    params: SamplingParams,
+    appender: _Appender,
+) -> None:
+    """Fixed batches (longest prompts first), each driven through all its turns; batches run one
+    at a time (HF) or ``generator.parallelism`` at once in threads (endpoint)."""
+    ordered = sorted(jobs, key=lambda j: (-len(j.prompt), j.index))
+    size = generator.batch_size
+    batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    # A batch with a missing conversation runs whole (same batch, same numerics); only the
+    # missing ones are written.
+    batches = [b for b in batches if any(j.index not in appender.records for j in b)]
+    if generator.parallelism <= 1:
+        for batch in batches:
+            _drive(batch, generator, planner, params)
+            appender.write(batch)
+        return
+    with ThreadPoolExecutor(generator.parallelism, thread_name_prefix="regen") as pool:
+        running: dict[Future, list[_Job]] = {}
+        queue = iter(batches)
+        failure: Optional[BaseException] = None
+        for batch in queue:
+            running[pool.submit(_drive, batch, generator, planner, params)] = batch
+            if len(running) >= generator.parallelism:
+                break
+        while running:
+            finished, _ = wait(running, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                batch = running.pop(future)
+                if future.exception() is not None:
+                    failure = failure or future.exception()
+                    continue
+                appender.write(batch)
+                if failure is None and (nxt := next(queue, None)) is not None:
+                    running[pool.submit(_drive, nxt, generator, planner, params)] = nxt
+        if failure is not None:
+            raise failure
+
+
+def _drive(batch: list[_Job], generator: Generator, planner: _Planner, params: SamplingParams):
+    """Generate round after round until every conversation of the batch is finished."""
+    for round_ in itertools.count():
+        live = [j for j in batch if not j.finished]
+        if not live:
+            return
+        seed = derive_seed(params.seed, batch[0].original.id, round_)
+        t0 = time.perf_counter()
+        completions = generator.generate([j.prompt for j in live], params, seed)
+        share = (time.perf_counter() - t0) / len(live)
+        for job, completion in zip(live, completions, strict=True):
+            job.gen_seconds += share
+            planner.apply(job, completion, params.max_new_tokens)
+
+
+def _make_generator(cfg: Config, target_dir: Path, renderer: ConversationRenderer) -> Generator:
+    rc = cfg.dataset.regenerate
+    stops = _stop_tokens(renderer, target_dir)
+    if rc.engine == "openai":
+        if not rc.endpoint:
+            raise ConfigError("'dataset.regenerate.endpoint' is required for engine openai")
+        return OpenAIGenerator(
+            rc.endpoint,
+            renderer.template.end_of_turn,
+            stops,
+            model_name=rc.model_name,
+            concurrency=rc.concurrency,
+            timeout_s=rc.request_timeout_s,
+            max_retries=rc.max_retries,
+        )
+    import torch
+
+    from spec_core.engines.hf import resolve_device
+
+    return HFGenerator(
+        target_dir,
+        renderer.tokenizer,
+        stops,
+        batch_size=rc.batch_size,
+        dtype=getattr(torch, cfg.target.dtype),
+        device=resolve_device(cfg.inference.device),
+    )
+
+
+def _check(rc: RegenerateConfig) -> None:
+    if rc.max_new_tokens <= 0:
+        raise ConfigError(
+            f"'dataset.regenerate.max_new_tokens' must be positive, got {rc.max_new_tokens}"
+        )
+    if rc.max_turns is not None and rc.max_turns < 2:
+        raise ConfigError(
+            f"'dataset.regenerate.max_turns' must be >= 2 (a user and an assistant message) or "
+            f"null, got {rc.max_turns}"
+        )
+    if rc.max_conversations is not None and rc.max_conversations <= 0:
+        raise ConfigError(
+            f"'dataset.regenerate.max_conversations' must be positive or null, got "
+            f"{rc.max_conversations}"
+        )
+    if not 0 < rc.top_p <= 1:
+        raise ConfigError(f"'dataset.regenerate.top_p' must be in (0, 1], got {rc.top_p}")
+
+
+def _min_optional(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    values = [v for v in (a, b) if v is not None]
+    return min(values) if values else None
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One process per cache entry; a second one waits, then finds the finished manifest."""
+    with lock_path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process regenerating into %s", lock_path.parent)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_partial(path: Path) -> dict[int, dict[str, Any]]:
+    """Records a previous run finished; a torn last line (killed mid-write) is cut off."""
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    records: dict[int, dict[str, Any]] = {}
+    good = 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        records[int(record["index"])] = record
+        good += len(line)
+    if good < len(raw):
+        with path.open("r+b") as fh:
+            fh.truncate(good)
+    return records
+
+
+class _Appender:
+    """Appends finished conversations to the partial file, durably, and reports progress."""
+
+    def __init__(
+        self,
+        path: Path,
+        done: dict[int, dict[str, Any]],
+        total: int,
+        progress: Optional[Progress],
+    ):
+        self.path = path
+        self.records = dict(done)
+        self.total = total
+        self.progress = progress
+        self._fd = -1
+
+    def __enter__(self) -> _Appender:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._report()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def write(self, jobs: Sequence[_Job]) -> None:
+        new = [j.record() for j in jobs if j.index not in self.records]
+        if not new:
+            return
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode()
+        os.write(self._fd, data)
+        os.fsync(self._fd)
+        for r in new:
+            self.records[r["index"]] = r
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(len(self.records), self.total)
+
+
+def _write_output(out: Path, records: dict[int, dict[str, Any]]) -> None:
+    lines = [
+        json.dumps(records[i]["conversation"], ensure_ascii=False) + "\n"
+        for i in sorted(records)
+        if records[i]["conversation"] is not None
+    ]
+    if not lines:
+        raise DataError(
+            f"regeneration left no conversation (see {out / PARTIAL}); raise "
+            "'dataset.max_seq_length' or lower 'dataset.regenerate.max_new_tokens'"
+        )
+    _atomic_write(out / OUTPUT, "".join(lines))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def _manifest(
+    cfg: Config,
+    components: dict[str, Any],
+    key: str,
+    dataset_path: Path,
+    target_dir: Path,
+    renderer: ConversationRenderer,
+    loaded: Any,
+    records: dict[int, dict[str, Any]],
+    resumed: int,
+) -> dict[str, Any]:
+    stats = [r["stats"] for r in records.values()]
+    skipped = Counter(r["skip"] for r in records.values() if r["skip"])
+    tokens = sum(s["generated_tokens"] for s in stats)
+    seconds = sum(s["gen_seconds"] for s in stats)
+    rc = cfg.dataset.regenerate
+    return {
+        "cache_key": key,
+        "code_version": components["code"],
+        "source": {
+            "path": str(dataset_path),
+            "sha256": components["dataset"],
+            "load_report": loaded.report.to_dict(),
+        },
+        "target": {"path": str(target_dir), "fingerprint": components["target"]},
+        "template": renderer.template_name,
+        "engine": {
+            "engine": rc.engine,
+            "endpoint": rc.endpoint if rc.engine == "openai" else None,
+            "model_name": rc.model_name,
+            "batch_size": rc.batch_size if rc.engine == "hf" else 1,
+            "concurrency": rc.concurrency if rc.engine == "openai" else 1,
+        },
+        "sampling": {
+            "temperature": rc.temperature,
+            "top_p": rc.top_p,
+            "seed": rc.seed,
+            "max_new_tokens": rc.max_new_tokens,
+        },
+        "selection": components["selection"],
+        "counts": {
+            "selected": len(records),
+            "written": sum(1 for r in records.values() if r["conversation"] is not None),
+            "skipped": dict(skipped.most_common()),
+            "turns_regenerated": sum(s["regenerated"] for s in stats),
+            "cut": sum(1 for s in stats if s["cut"]),
+            "hit_max_new_tokens": sum(s["hit_max_new_tokens"] for s in stats),
+            "resumed": resumed,
+        },
+        "tokens_generated": tokens,
+        "prompt_tokens": sum(s["prompt_tokens"] for s in stats),
+        "generation_time_s": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from tqdm.auto import tqdm
+
+    from spec_core.assets import resolve_dataset_path, resolve_target_path
+    from spec_core.config import load_config
+    from spec_core.paths import RunPaths, cache_dir
+
+    parser = argparse.ArgumentParser(
+        prog="specflow regenerate",
+        description="Regenerate the dataset's assistant turns with the target (cached, resumable).",
+    )
+    parser.add_argument("--config", default=None, help="YAML preset (default: built-in defaults)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.overrides)
+    assets = cache_dir(cfg)
+    target_dir = resolve_target_path(cfg.target.path, assets, cfg.target.dtype)
+    dataset_path = resolve_dataset_path(cfg.dataset.path, assets, cfg.dataset.min_turns)
+    work_dir = RunPaths.from_config(cfg).work_dir
+    bar = tqdm(desc="regenerating", unit=" conv", disable=args.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = regenerate_dataset(cfg, dataset_path, target_dir, work_dir, progress)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    m = result.manifest
+    state = "cached" if result.cached else "regenerated"
+    print(f"{state}: {result.output_path} (key {result.cache_key})")
+    print(
+        f"conversations: {m['counts']['written']} written, skipped {m['counts']['skipped']}; "
+        f"turns regenerated: {m['counts']['turns_regenerated']}; tokens: "
+        f"{m['tokens_generated']} at {m['tokens_per_s']} tok/s; wall {m['wall_time_s']} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SpecflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
