@@ -25,6 +25,7 @@ import numpy as np
 
 from spec_core.data.conversation import Conversation, InvalidRecord, Message
 from spec_core.data.templates import (
+    TEMPLATES,
     Span,
     assistant_spans,
     detect_template,
@@ -163,7 +164,7 @@ class ConversationRenderer:
             if not getattr(tokenizer, "chat_template", None):
                 raise ConfigError(
                     "the tokenizer has no chat template; set 'dataset.chat_template' to one of: "
-                    + ", ".join(_template_names())
+                    + ", ".join(TEMPLATES)
                 )
             self.jinja = None
             detected = detect_template(self._apply)
@@ -171,7 +172,7 @@ class ConversationRenderer:
                 raise ConfigError(
                     "cannot find the assistant-turn markers of the tokenizer's chat template; set "
                     "'dataset.chat_template' to the matching registry entry: "
-                    + ", ".join(_template_names())
+                    + ", ".join(TEMPLATES)
                 )
             self.template = detected
         self.inline_reasoning = not self._renders(
@@ -314,9 +315,3 @@ def _plain_backend(tokenizer: Any) -> Any:
     plain.no_padding()
     plain.post_processor = None
     return plain
-
-
-def _template_names() -> list[str]:
-    from spec_core.data.templates import TEMPLATES
-
-    return list(TEMPLATES)

@@ -222,7 +222,6 @@ def prepare_dataset(
 def _build(
     cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path, tmp: Path, progress: bool
 ) -> PrepareReport:
-    import datasets
     from transformers import AutoTokenizer
 
     loaded = load_conversations(
@@ -232,15 +231,40 @@ def _build(
     eval_set = set(_eval_indices(len(convs), cfg.eval_conversations, cfg.seed, data_path))
     # Build one renderer here so template problems fail fast, before any worker starts.
     renderer = ConversationRenderer(AutoTokenizer.from_pretrained(tokenizer_dir), cfg.chat_template)
-    table = datasets.Dataset.from_dict(
+    table = _input_table(convs, loaded.locations, eval_set, cfg.last_turn_loss_only)
+    mapped = _tokenize_table(table, cfg, tokenizer_dir, tmp / "scratch")
+    report = PrepareReport(str(data_path), renderer.template_name, loaded.report, len(convs))
+    train_rows, eval_rows = _split_and_count(mapped, report)
+    if not train_rows:
+        raise DataError(
+            f"no valid training samples remain in {data_path}: {report.data.one_line()}"
+        )
+    mapped.select(train_rows).select_columns(TRAIN_COLUMNS).save_to_disk(str(tmp / "train"))
+    mapped.select(eval_rows).select_columns(EVAL_COLUMNS).save_to_disk(str(tmp / "eval"))
+    return report
+
+
+def _input_table(
+    convs: list[Conversation], locations: list[str], eval_set: set[int], last_turn_option: str
+) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_dict(
         {
             "sample_id": [c.id for c in convs],
             "messages": [json.dumps(c.to_dict(), ensure_ascii=False) for c in convs],
-            "last_turn_only": [wants_last_turn_only(c, cfg.last_turn_loss_only) for c in convs],
-            "location": loaded.locations,
+            "last_turn_only": [wants_last_turn_only(c, last_turn_option) for c in convs],
+            "location": locations,
             "is_eval": [i in eval_set for i in range(len(convs))],
         }
     )
+
+
+def _tokenize_table(table: Any, cfg: DatasetConfig, tokenizer_dir: Path, scratch: Path) -> Any:
+    """``datasets.map`` over ``cfg.num_proc`` workers; rows keep a skip reason instead of
+    disappearing, so every drop is counted."""
+    import datasets
+
     features = table.features.copy()
     features.update(
         {
@@ -253,9 +277,9 @@ def _build(
             "skip_detail": datasets.Value("string"),
         }
     )
-    num_proc = max(1, min(cfg.num_proc, len(convs) // 32))
-    (tmp / "scratch").mkdir(parents=True, exist_ok=True)
-    mapped = table.map(
+    num_proc = max(1, min(cfg.num_proc, len(table) // 32))
+    scratch.mkdir(parents=True, exist_ok=True)
+    return table.map(
         TokenizeBatch(
             str(tokenizer_dir), cfg.chat_template, cfg.max_seq_length, cfg.min_loss_tokens
         ),
@@ -263,42 +287,38 @@ def _build(
         batch_size=64,
         num_proc=num_proc if num_proc > 1 else None,
         features=features,
-        cache_file_name=str(tmp / "scratch" / "tokenized.arrow"),
-        new_fingerprint=tmp.name.replace(".", "-"),
+        cache_file_name=str(scratch / "tokenized.arrow"),
+        new_fingerprint=scratch.parent.name.replace(".", "-"),
         desc="tokenizing",
     )
-    columns = {
+
+
+def _split_and_count(mapped: Any, report: PrepareReport) -> tuple[list[int], list[int]]:
+    """Count skips into ``report`` and return the kept train and eval row indices."""
+    column = {
         name: mapped.data.column(name).to_pylist()
         for name in ("skip_reason", "skip_detail", "location", "is_eval", "last_turn_only")
     }
-    report = PrepareReport(str(data_path), renderer.template_name, loaded.report, len(convs))
-    keep_train, keep_eval = [], []
-    for i, reason in enumerate(columns["skip_reason"]):
+    train_rows, eval_rows = [], []
+    for i, reason in enumerate(column["skip_reason"]):
         if reason:
-            report.data.skip(reason, columns["location"][i], columns["skip_detail"][i])
+            report.data.skip(reason, column["location"][i], column["skip_detail"][i])
         else:
-            (keep_eval if columns["is_eval"][i] else keep_train).append(i)
-    report.data.valid = len(keep_train) + len(keep_eval)
-    if not keep_train:
-        raise DataError(
-            f"no valid training samples remain in {data_path}: {report.data.one_line()}"
-        )
-    lengths = np.asarray(mapped.data.column("num_tokens").to_numpy(), dtype=np.int64)
-    loss = np.asarray(mapped.data.column("num_loss_tokens").to_numpy(), dtype=np.int64)
-    full = np.asarray(mapped.data.column("full_length").to_numpy(), dtype=np.int64)
-    kept = keep_train + keep_eval
-    report.train_samples, report.eval_samples = len(keep_train), len(keep_eval)
-    report.train_tokens, report.eval_tokens = (
-        int(lengths[keep_train].sum()),
-        int(lengths[keep_eval].sum()),
+            (eval_rows if column["is_eval"][i] else train_rows).append(i)
+    lengths, loss, full = (
+        mapped.data.column(name).to_numpy().astype(np.int64)
+        for name in ("num_tokens", "num_loss_tokens", "full_length")
     )
-    report.train_loss_tokens = int(loss[keep_train].sum())
-    report.eval_loss_tokens = int(loss[keep_eval].sum())
+    kept = train_rows + eval_rows
+    report.data.valid = len(kept)
+    report.train_samples, report.eval_samples = len(train_rows), len(eval_rows)
+    report.train_tokens = int(lengths[train_rows].sum())
+    report.eval_tokens = int(lengths[eval_rows].sum())
+    report.train_loss_tokens = int(loss[train_rows].sum())
+    report.eval_loss_tokens = int(loss[eval_rows].sum())
     report.truncated = int((full[kept] > lengths[kept]).sum())
-    report.last_turn_only = sum(columns["last_turn_only"][i] for i in kept)
-    mapped.select(keep_train).select_columns(TRAIN_COLUMNS).save_to_disk(str(tmp / "train"))
-    mapped.select(keep_eval).select_columns(EVAL_COLUMNS).save_to_disk(str(tmp / "eval"))
-    return report
+    report.last_turn_only = sum(column["last_turn_only"][i] for i in kept)
+    return train_rows, eval_rows
 
 
 class TokenizeBatch:
