@@ -208,7 +208,7 @@ def prepare_dataset(
     tmp = staging_dir(out)
     try:
         with _progress_bars(progress):
-            report = _build(cfg, data_path, tokenizer_dir, tmp, progress)
+            report = _build(cfg, data_path, tokenizer_dir, tmp, key, progress)
         _write_json(tmp / MANIFEST, {"cache_key": key, "report": report.to_dict()})
         shutil.rmtree(tmp / "scratch", ignore_errors=True)
         publish(tmp, out)
@@ -220,7 +220,7 @@ def prepare_dataset(
 
 
 def _build(
-    cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path, tmp: Path, progress: bool
+    cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path, tmp: Path, key: str, progress: bool
 ) -> PrepareReport:
     from transformers import AutoTokenizer
 
@@ -232,7 +232,11 @@ def _build(
     # Build one renderer here so template problems fail fast, before any worker starts.
     renderer = ConversationRenderer(AutoTokenizer.from_pretrained(tokenizer_dir), cfg.chat_template)
     table = _input_table(convs, loaded.locations, eval_set, cfg.last_turn_loss_only)
-    mapped = _tokenize_table(table, cfg, tokenizer_dir, tmp / "scratch")
+    _INHERITED_RENDERER[key] = renderer
+    try:
+        mapped = _tokenize_table(table, cfg, tokenizer_dir, tmp / "scratch", key)
+    finally:
+        _INHERITED_RENDERER.pop(key, None)
     report = PrepareReport(str(data_path), renderer.template_name, loaded.report, len(convs))
     train_rows, eval_rows = _split_and_count(mapped, report)
     if not train_rows:
@@ -260,7 +264,9 @@ def _input_table(
     )
 
 
-def _tokenize_table(table: Any, cfg: DatasetConfig, tokenizer_dir: Path, scratch: Path) -> Any:
+def _tokenize_table(
+    table: Any, cfg: DatasetConfig, tokenizer_dir: Path, scratch: Path, key: str
+) -> Any:
     """``datasets.map`` over ``cfg.num_proc`` workers; rows keep a skip reason instead of
     disappearing, so every drop is counted."""
     import datasets
@@ -281,7 +287,7 @@ def _tokenize_table(table: Any, cfg: DatasetConfig, tokenizer_dir: Path, scratch
     scratch.mkdir(parents=True, exist_ok=True)
     return table.map(
         TokenizeBatch(
-            str(tokenizer_dir), cfg.chat_template, cfg.max_seq_length, cfg.min_loss_tokens
+            key, str(tokenizer_dir), cfg.chat_template, cfg.max_seq_length, cfg.min_loss_tokens
         ),
         batched=True,
         batch_size=64,
@@ -321,16 +327,23 @@ def _split_and_count(mapped: Any, report: PrepareReport) -> tuple[list[int], lis
     return train_rows, eval_rows
 
 
+# The renderer ``_build`` made for a cache key, while ``datasets.map`` runs: workers forked from
+# this process inherit it instead of loading the tokenizer again (spawned ones load their own).
+_INHERITED_RENDERER: dict[str, ConversationRenderer] = {}
+
+
 class TokenizeBatch:
-    """``datasets.map`` function: each worker process loads the tokenizer once, on first use."""
+    """``datasets.map`` function; the renderer comes from the parent (fork) or is loaded once."""
 
     def __init__(
         self,
+        key: str,
         tokenizer_dir: str,
         template: Optional[str],
         max_seq_length: int,
         min_loss_tokens: int,
     ):
+        self.key = key
         self.tokenizer_dir = tokenizer_dir
         self.template = template
         self.max_seq_length = max_seq_length
@@ -341,6 +354,8 @@ class TokenizeBatch:
         return {**self.__dict__, "_renderer": None}
 
     def renderer(self) -> ConversationRenderer:
+        if self._renderer is None:
+            self._renderer = _INHERITED_RENDERER.get(self.key)
         if self._renderer is None:
             from transformers import AutoTokenizer
 
