@@ -374,3 +374,18 @@ def test_staging_cleans_dead_builders_and_publish_keeps_the_winner(tmp_path):
     (second / "a").write_text("second")
     publish(second, out)  # another builder already published: keep the winner
     assert (out / "a").read_text() == "first" and not second.exists()
+
+
+def test_missing_or_broken_tokenizer_is_a_config_error(tmp_path, data_file, asset_cache):
+    from spec_core.errors import ConfigError
+
+    empty = tmp_path / "empty-tok"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no tokenizer files"):
+        prepare(make_cfg(data_file), empty, tmp_path / "work", asset_cache)
+    broken = tmp_path / "broken-tok"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not a tokenizer")
+    (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
+    with pytest.raises(ConfigError, match="cannot load a tokenizer from"):
+        prepare(make_cfg(data_file), broken, tmp_path / "work", asset_cache)

@@ -293,6 +293,17 @@ def render_conversation(
     return ConversationRenderer(tokenizer, template).tokenize(conv, max_seq_length, last_turn_only)
 
 
+def load_tokenizer(tokenizer_dir: Any) -> Any:
+    """``AutoTokenizer.from_pretrained`` with a one-line ConfigError instead of a traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"cannot load a tokenizer from {tokenizer_dir}: {first}") from None
+
+
 def _tool_call_text(call: dict) -> str:
     payload = call.get("function", call)
     body = {"name": payload.get("name"), "arguments": payload.get("arguments")}

@@ -30,10 +30,10 @@ from spec_core.assets import resolve_dataset_path
 from spec_core.config import DatasetConfig
 from spec_core.data.conversation import Conversation, InvalidRecord, Message
 from spec_core.data.load import data_sources, load_conversations
-from spec_core.data.render import ConversationRenderer, wants_last_turn_only
+from spec_core.data.render import ConversationRenderer, load_tokenizer, wants_last_turn_only
 from spec_core.data.report import DataReport
 from spec_core.data.staging import publish, staging_dir
-from spec_core.errors import DataError
+from spec_core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,13 @@ def _cache_key(cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path) -> str:
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         for f in files:
             _hash_file(h, f.relative_to(data_path) if data_path.is_dir() else Path(f.name), f)
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            _hash_file(h, Path(name), tokenizer_dir / name)
+    present = [name for name in _TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not present:
+        raise ConfigError(
+            f"no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...) in {tokenizer_dir}"
+        )
+    for name in present:
+        _hash_file(h, Path(name), tokenizer_dir / name)
     return h.hexdigest()[:20]
 
 
@@ -222,15 +226,13 @@ def prepare_dataset(
 def _build(
     cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path, tmp: Path, key: str, progress: bool
 ) -> PrepareReport:
-    from transformers import AutoTokenizer
-
     loaded = load_conversations(
         data_path, cfg.messages_key, limit=cfg.max_conversations, progress=progress
     )
     convs = loaded.conversations
     eval_set = set(_eval_indices(len(convs), cfg.eval_conversations, cfg.seed, data_path))
     # Build one renderer here so template problems fail fast, before any worker starts.
-    renderer = ConversationRenderer(AutoTokenizer.from_pretrained(tokenizer_dir), cfg.chat_template)
+    renderer = ConversationRenderer(load_tokenizer(tokenizer_dir), cfg.chat_template)
     table = _input_table(convs, loaded.locations, eval_set, cfg.last_turn_loss_only)
     _INHERITED_RENDERER[key] = renderer
     try:
@@ -357,9 +359,7 @@ class TokenizeBatch:
         if self._renderer is None:
             self._renderer = _INHERITED_RENDERER.get(self.key)
         if self._renderer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            tokenizer = load_tokenizer(self.tokenizer_dir)
             self._renderer = ConversationRenderer(tokenizer, self.template)
         return self._renderer
 
