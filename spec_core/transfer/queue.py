@@ -461,6 +461,13 @@ class KeyQueue:
     def resident_bytes(self) -> int:
         return self._int("resident")
 
+    def produced(self) -> int:
+        """Samples resolved so far over all planned epochs (published, skipped or dropped):
+        generation progress for dashboards."""
+        plan = self._plan
+        assert plan is not None
+        return sum(self._int("done", e) for e in range(plan.num_epochs))
+
     def counts(self) -> dict[str, int]:
         return {
             name: self._int("count", name)
