@@ -175,6 +175,7 @@ class EvaluationConfig:
     num_draft_tokens: int = 3
     max_prompt_tokens: int = 512
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
+    num_threads: int = 0  # torch CPU threads while decoding; 0 = torch's default
 
 
 @dataclass
@@ -195,10 +196,8 @@ class OrchestrationConfig:
     generation_deployment: str = "hidden-state-generation/hidden-state-generation"
     training_deployment: str = "draft-training/draft-training"
     publish_deployment: str = "publish/publish"
-    inference_pool: str = "gpu-inference"
-    training_pool: str = "gpu-training"
-    cpu_pool: str = "cpu"
-    poll_interval_s: float = 2.0
+    poll_interval_s: float = 2.0  # parent: progress updates and failure checks
+    publish: bool = True  # convert + evaluate + register after training
 
 
 @dataclass
