@@ -1,0 +1,126 @@
+"""What a flow run started, so its hooks can stop it, and its processes' logs, forwarded to Prefect.
+
+Tasks start services, producers and torchrun as separate processes and stop them in ``finally``.
+That does not run when the flow run is cancelled or crashes while a coroutine is suspended, so
+each handle is also registered here and the flows' ``on_failure`` / ``on_cancellation`` /
+``on_crashed`` hooks stop whatever is left - by PID, through the handle's own ``stop()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+# Mooncake's glog INFO lines ("I1123 14:02:02.124712 14829 file.cpp:604] ...") are noise in the UI.
+_GLOG_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")
+
+
+class Stoppable(Protocol):
+    def stop(self) -> Any: ...
+
+
+class OwnedProcesses:
+    """Handles with ``stop()``, grouped by the flow run that started them (this process only)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_run: dict[str, list[Stoppable]] = {}
+
+    def add(self, flow_run_id: str, handle: Stoppable) -> None:
+        with self._lock:
+            self._by_run.setdefault(flow_run_id, []).append(handle)
+
+    def discard(self, flow_run_id: str, handle: Stoppable) -> None:
+        with self._lock:
+            handles = self._by_run.get(flow_run_id, [])
+            if handle in handles:
+                handles.remove(handle)
+
+    def stop_run(self, flow_run_id: str) -> int:
+        """Stop what ``flow_run_id`` registered, newest first; returns how many."""
+        with self._lock:
+            handles = self._by_run.pop(flow_run_id, [])
+        for handle in reversed(handles):
+            handle.stop()
+        return len(handles)
+
+    def stop_all(self) -> int:
+        with self._lock:
+            runs = list(self._by_run)
+        return sum(self.stop_run(run) for run in runs)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(h) for h in self._by_run.values())
+
+
+OWNED = OwnedProcesses()
+
+
+class ProcessGroup:
+    """A process started with ``start_new_session=True`` (torchrun): ``stop()`` ends its whole
+    group - SIGTERM, then SIGKILL after ``grace_s`` - by the group id we created."""
+
+    def __init__(self, popen: subprocess.Popen, grace_s: float = 10.0) -> None:
+        self.popen = popen
+        self.grace_s = grace_s
+
+    def stop(self) -> None:
+        for sig, wait_s in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, 5.0)):
+            if self.popen.poll() is not None:
+                return
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.popen.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class LogTail:
+    """Forwards the new complete lines of a process's log file to a logger, on each ``pump()``."""
+
+    def __init__(self, path: Path, logger: logging.Logger | logging.LoggerAdapter, prefix: str):
+        self.path = Path(path)
+        self.logger = logger
+        self.prefix = prefix
+        self._offset = 0
+        self._partial = ""
+
+    def pump(self, final: bool = False) -> int:
+        try:
+            with self.path.open("r", encoding="utf-8", errors="replace") as fh:
+                fh.seek(self._offset)
+                text = fh.read()
+                self._offset = fh.tell()
+        except FileNotFoundError:
+            return 0
+        text = self._partial + text
+        lines = text.split("\n")
+        self._partial = "" if final else lines.pop()
+        sent = 0
+        for line in lines:
+            line = line.rsplit("\r", 1)[-1].rstrip()  # progress bars: keep the last redraw
+            if line and not _GLOG_INFO.match(line):
+                self.logger.info("%s%s", self.prefix, line)
+                sent += 1
+        return sent
+
+
+def stop_owned_by_run(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook (failure, cancellation, crash): stop what this flow run started."""
+    OWNED.stop_run(str(flow_run.id))
+
+
+def stop_all_owned(flow: Any, flow_run: Any, state: Any) -> None:
+    """Parent flow hook: stop everything this process started, its subflows' processes too."""
+    OWNED.stop_all()

@@ -1,0 +1,118 @@
+"""``train_draft``: one trainer node = one ``torchrun`` (its ranks read the stream source).
+
+torchrun runs in its own process group, started by ``launch_training`` in a worker thread; the task
+registers that group so cancellation or a flow hook can stop it by PID, forwards the rank-0 log to
+the Prefect run, and (on node 0, where rank 0 writes the metrics) keeps a progress artifact of the
+training steps. It returns the trainer's summary plus the trainer-side performance figures
+(``spec_core.metrics.TrainerPerf``) so a parent on another machine needs no shared files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import get_run_logger, task
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+
+from spec_core.config import config_from_dict
+from spec_core.metrics import read_records, train_records, trainer_perf
+from spec_core.training.job import TrainJob
+from spec_core.training.launcher import launch_training
+from spec_core.training.worker import total_steps_for
+from tasks.processes import OWNED, LogTail, ProcessGroup
+from tasks.services import flow_run_id
+
+TRAINING_PROGRESS_KEY = "training-progress"
+
+
+@task(name="train-draft")
+async def train_draft(
+    config: dict[str, Any],
+    run_dir: str,
+    target_dir: str,
+    data: dict[str, Any],
+    services: dict[str, Any],
+    vocab_map: Optional[str] = None,
+    node_rank: int = 0,
+    rdzv_endpoint: Optional[str] = None,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
+    """Train on the stream until the configured steps/epochs are done; summary + perf."""
+    logger = get_run_logger()
+    cfg = config_from_dict(config)
+    t = cfg.training
+    job = TrainJob.create(
+        cfg,
+        run_dir=run_dir,
+        target_dir=target_dir,
+        train_data=data["train_path"],
+        eval_data=data.get("eval_path"),
+        vocab_map=vocab_map,
+        source="stream",
+        services=services,
+        run_id=cfg.run.run_id or Path(run_dir).name,
+    )
+    total = total_steps_for(cfg, int(data["report"]["train_samples"]), t.nproc_per_node * t.nnodes)
+    owner = flow_run_id()
+    groups: list[ProcessGroup] = []
+
+    def started(popen: Any) -> None:
+        groups.append(ProcessGroup(popen))
+        OWNED.add(owner, groups[-1])
+
+    launch = asyncio.ensure_future(
+        asyncio.to_thread(
+            launch_training,
+            job,
+            t.nproc_per_node,
+            nnodes=t.nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint,
+            echo=False,
+            on_start=started,
+        )
+    )
+    tail = LogTail(Path(run_dir) / "logs" / "train.log", logger, f"[node {node_rank}] ")
+    progress = None
+    if node_rank == 0:
+        progress = await acreate_progress_artifact(
+            progress=0.0,
+            key=TRAINING_PROGRESS_KEY,
+            description=f"training steps done of {total}",
+        )
+    steps_done = 0
+    try:
+        while not launch.done():
+            await asyncio.wait({launch}, timeout=poll_s)
+            tail.pump()
+            if progress is not None:
+                steps = train_records(read_records(job.metrics_file))
+                if steps and steps[-1]["step"] != steps_done:
+                    steps_done = steps[-1]["step"]
+                    await aupdate_progress_artifact(
+                        artifact_id=progress, progress=min(100.0, 100.0 * steps_done / total)
+                    )
+        result = launch.result()
+    finally:
+        for group in groups:
+            group.stop()
+            OWNED.discard(owner, group)
+        if not launch.done():  # cancelled: the group is stopped, let the thread see it exit
+            await asyncio.wait({launch}, timeout=30)
+        tail.pump(final=True)
+    if progress is not None:
+        await aupdate_progress_artifact(artifact_id=progress, progress=100.0)
+    perf = trainer_perf(read_records(result.metrics_path)) if node_rank == 0 else None
+    return {
+        "node_rank": node_rank,
+        "run_dir": str(result.run_dir),
+        "metrics_path": str(result.metrics_path),
+        "log_path": str(result.log_path),
+        "last_checkpoint": result.last_checkpoint,
+        "best_checkpoint": result.best_checkpoint,
+        "summary": result.summary,
+        "perf": dataclasses.asdict(perf) if perf is not None else None,
+    }
