@@ -4,8 +4,8 @@ independent implementation of what ``HFGenerator`` does).
 
 It accepts what specflow sends (prompt as token ids or text, ``max_tokens``, ``temperature``,
 ``top_p``, ``seed``, ``stop``, ``stop_token_ids``, ``skip_special_tokens``) and can misbehave on
-purpose, as real servers do: answer the first N completions with HTTP 503, or stall before
-answering. Start it with ``start_openai_server(model_dir)``; the handle's ``stop()`` shuts it down.
+purpose, as real servers do: answer the first N completions with HTTP 503, fail every completion
+after N answers (a server that went down mid-run), or stall before answering. Start it with ``start_openai_server(model_dir)``; the handle's ``stop()`` shuts it down.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Optional
 @dataclass
 class ServerBehaviour:
     fail_first: int = 0  # completions answered with HTTP 503 before real answers
+    fail_after: Optional[int] = None  # after this many answers, every completion gets HTTP 503
     delay_s: float = 0.0  # stall before answering each completion
     requests: int = 0  # completions received (answered or not)
     failed: int = 0
@@ -109,7 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
         behaviour = self.server.behaviour
         with self.server.counter_lock:
             behaviour.requests += 1
-            fail = behaviour.failed < behaviour.fail_first
+            answered = behaviour.requests - 1 - behaviour.failed
+            fail = behaviour.failed < behaviour.fail_first or (
+                behaviour.fail_after is not None and answered >= behaviour.fail_after
+            )
             behaviour.failed += fail
         if behaviour.delay_s:
             time.sleep(behaviour.delay_s)

@@ -97,6 +97,16 @@ def replaceable(conv: Conversation) -> list[int]:
     return [i for i, m in enumerate(conv.messages) if m.role == "assistant" and not m.tool_calls]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's ops are too small to split; on a busy 2-core box two OpenMP threads
+    make every op wait for a time slice (measured 20-50x slower), so these tests use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
     """The tiny Llama, untied: a tied random model just repeats its input token (whitespace

@@ -54,7 +54,8 @@ from spec_core.data.generators import (
     derive_seed,
 )
 from spec_core.data.load import data_sources, load_conversations
-from spec_core.data.render import ConversationRenderer, assistant_spans
+from spec_core.data.render import ConversationRenderer
+from spec_core.data.templates import assistant_spans
 from spec_core.errors import ConfigError, DataError, SpecflowError
 
 log = logging.getLogger(__name__)
