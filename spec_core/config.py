@@ -176,6 +176,7 @@ class EvaluationConfig:
     max_prompt_tokens: int = 512
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
     num_threads: int = 0  # torch CPU threads while decoding; 0 = torch's default
+    num_threads: int = 0  # torch CPU threads while decoding; 0 = torch's default
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.config import Config
+from spec_core.config import Config, EvaluationConfig
 from spec_core.data.conversation import Conversation, Message
 from spec_core.errors import ConfigError, DataError, SpecflowError
 
@@ -398,6 +398,58 @@ class EvalSettings:
         return asdict(self)
 
 
+def evaluate_prompts(
+    ev: EvaluationConfig,
+    hf_dir: str | Path,
+    target_dir: str | Path,
+    prompts: list[EvalPrompt],
+    embedding_key: str = "model.embed_tokens.weight",
+) -> dict[str, Any]:
+    """Load the target and the exported draft, decode ``prompts`` both ways, and tag the result
+    with the eval-set hash (prompts + decoding settings + target revision)."""
+    from transformers import AutoTokenizer
+
+    from spec_core.data.regenerate import target_fingerprint
+    from spec_core.export import load_hf_draft
+
+    target_dir = Path(target_dir)
+    settings = EvalSettings(
+        ev.num_draft_tokens,
+        ev.max_new_tokens,
+        ev.max_prompt_tokens,
+        ev.ignore_eos,
+        target_fingerprint(target_dir)[:16],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    stop_ids = set() if ev.ignore_eos else stop_token_ids(target_dir, tokenizer)
+    target = load_target(target_dir)
+    draft = load_hf_draft(hf_dir, target_dir, embedding_key)
+    log.info("evaluating %s on %d prompts", hf_dir, len(prompts))
+    threads = torch.get_num_threads()
+    if ev.num_threads > 0:
+        torch.set_num_threads(ev.num_threads)
+    try:
+        result = run_evaluation(
+            target,
+            draft,
+            prompts,
+            num_draft_tokens=ev.num_draft_tokens,
+            max_new_tokens=ev.max_new_tokens,
+            stop_ids=stop_ids,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    result.update(
+        {
+            "eval_set_hash": eval_set_hash(prompts, settings.to_dict()),
+            "settings": settings.to_dict(),
+            "hf_dir": str(hf_dir),
+            "target_dir": str(target_dir),
+        }
+    )
+    return result
+
+
 def evaluate_draft(
     cfg: Config,
     hf_dir: str | Path,
@@ -408,42 +460,17 @@ def evaluate_draft(
     """Evaluate an exported draft on the held-out prompts; write the JSON and the plot."""
     from transformers import AutoTokenizer
 
-    from spec_core.data.regenerate import target_fingerprint
     from spec_core.data.render import ConversationRenderer
-    from spec_core.export import load_hf_draft
 
     ev = cfg.evaluation
-    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     renderer = ConversationRenderer(tokenizer, cfg.dataset.chat_template)
     prompt_set = load_prompts(eval_path, renderer, ev.num_prompts, ev.max_prompt_tokens)
-    settings = EvalSettings(
-        ev.num_draft_tokens,
-        ev.max_new_tokens,
-        ev.max_prompt_tokens,
-        ev.ignore_eos,
-        target_fingerprint(target_dir)[:16],
-    )
-    stop_ids = set() if ev.ignore_eos else stop_token_ids(target_dir, tokenizer)
-    torch.manual_seed(0)
-    target = load_target(target_dir)
-    draft = load_hf_draft(hf_dir, target_dir, cfg.target.embedding_key)
-    log.info("evaluating %s on %d prompts", hf_dir, len(prompt_set.prompts))
-    result = run_evaluation(
-        target,
-        draft,
-        prompt_set.prompts,
-        num_draft_tokens=ev.num_draft_tokens,
-        max_new_tokens=ev.max_new_tokens,
-        stop_ids=stop_ids,
-    )
+    result = evaluate_prompts(ev, hf_dir, target_dir, prompt_set.prompts, cfg.target.embedding_key)
     result.update(
         {
-            "eval_set_hash": eval_set_hash(prompt_set.prompts, settings.to_dict()),
             "dataset_hash": _dataset_hash(Path(eval_path)),
-            "settings": settings.to_dict(),
-            "hf_dir": str(hf_dir),
-            "target_dir": str(target_dir),
             "eval_path": str(eval_path),
             "skipped": prompt_set.skipped,
         }

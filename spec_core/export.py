@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -182,7 +183,9 @@ def read_checkpoint(path: str | Path, select: str = "latest") -> DraftCheckpoint
         if not isinstance(meta, TensorStorageMetadata):
             raise ExportError(f"{model_dir}: entry {key!r} is not a tensor; not a draft checkpoint")
         state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled": intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
     trainer_state = json.loads((ckpt / STATE_FILE).read_text())
     vocab_file = ckpt / "vocab_map.safetensors"
     return DraftCheckpoint(

@@ -1,0 +1,203 @@
+"""MLflow registry on a real sqlite store: one run per pipeline run, a registered version with
+tags, the candidate/champion gate on real evaluations, and fetching by alias.
+
+The evaluations are real speculative decoding on the bigram target of ``test_evaluate`` (see its
+docstring): a random-weight draft gets tau ~1, the hand-built draft tau = 2, so the gate decides
+on measured numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_evaluate import cycle, draft_for, export_model, lens_draft, make_bigram_target
+from test_evaluate import random_prompts as prompts_for
+
+from spec_core.config import load_config
+from spec_core.errors import ConfigError
+from spec_core.evaluate import evaluate_prompts
+from spec_core.registry import fetch, parse_model_spec, publish_run, settings_for
+from spec_core.training.metrics_log import MetricsWriter
+
+NAME = "bigram-eagle3"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, smollm2_dir):
+    """Target, drafts, evaluations and a config whose MLflow store lives in a temp dir."""
+    root = tmp_path_factory.mktemp("registry")
+    perm = cycle()
+    target = make_bigram_target(root / "target", smollm2_dir, perm)
+    drafts = {
+        "random": export_model(draft_for(target), root / "random"),
+        "trained": export_model(lens_draft(target, perm[perm]), root / "trained"),
+    }
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={root / 'out'}",
+            f"registry.model_name={NAME}",
+            f"target.path={target}",
+            "evaluation.max_new_tokens=8",
+        ],
+    )
+    prompts = prompts_for(2)
+    evals = {
+        name: evaluate_prompts(cfg.evaluation, hf, target, prompts) for name, hf in drafts.items()
+    }
+    other = load_config(None, ["evaluation.max_new_tokens=6"]).evaluation
+    evals["trained-other-set"] = evaluate_prompts(other, drafts["trained"], target, prompts)
+    return {"root": root, "cfg": cfg, "drafts": drafts, "evals": evals}
+
+
+def client_for(cfg):
+    from mlflow import MlflowClient
+
+    uri = settings_for(cfg).tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_champion_gate_on_measured_tau(published, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # MLflow must not write ./mlruns or ./mlflow.db
+    cfg, drafts, evals = published["cfg"], published["drafts"], published["evals"]
+    assert evals["random"]["tau"] < 1.1 and evals["trained"]["tau"] == pytest.approx(2.0)
+    assert evals["trained"]["eval_set_hash"] == evals["random"]["eval_set_hash"]
+    assert evals["trained-other-set"]["eval_set_hash"] != evals["trained"]["eval_set_hash"]
+
+    first = publish_run(cfg, "run-weak", hf_dir=drafts["random"], evaluation=evals["random"])
+    assert first["version"] == "1" and first["champion"] and "no champion" in first["gate_reason"]
+    better = publish_run(cfg, "run-strong", hf_dir=drafts["trained"], evaluation=evals["trained"])
+    assert better["version"] == "2" and better["champion"]
+    assert better["previous_champion"] == "1" and "beats" in better["gate_reason"]
+    worse = publish_run(cfg, "run-weak-again", hf_dir=drafts["random"], evaluation=evals["random"])
+    assert worse["version"] == "3" and not worse["champion"]
+    assert worse["aliases"] == ["candidate"] and "does not beat" in worse["gate_reason"]
+    elsewhere = publish_run(
+        cfg, "run-other-set", hf_dir=drafts["trained"], evaluation=evals["trained-other-set"]
+    )
+    assert not elsewhere["champion"] and "not comparable" in elsewhere["gate_reason"]
+    broken = dict(evals["trained"], lossless=False, tau=3.5)
+    lossy = publish_run(cfg, "run-lossy", hf_dir=drafts["trained"], evaluation=broken)
+    assert not lossy["champion"] and "not lossless" in lossy["gate_reason"]
+
+    client = client_for(cfg)
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "5"
+    v3 = client.get_model_version(NAME, "3")
+    assert v3.tags["gate_promoted"] == "false" and "does not beat" in v3.tags["gate"]
+    # A retried publish of the same pipeline run reuses its MLflow run and version.
+    again = publish_run(cfg, "run-strong", hf_dir=drafts["trained"], evaluation=evals["trained"])
+    assert again["version"] == "2" and again["run_id"] == better["run_id"]
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 5
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_run_holds_params_curves_perf_artifacts_and_tags(published, tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'out'}",
+            "registry.model_name=curves",
+            f"target.path={published['cfg'].target.path}",
+        ],
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(metrics)
+    for step in (1, 2, 3):
+        writer.write(
+            {
+                "split": "train",
+                "step": step,
+                "loss": 3.0 / step,
+                "lr": 1e-3,
+                "acc_k": [0.1 * step, 0.05 * step],
+                "tau_sim": 0.2 * step,
+                "skipped": False,
+            }
+        )
+    writer.write({"split": "eval", "step": 3, "loss": 1.5, "acc_k": [0.4, 0.2], "tau_sim": 0.6})
+    writer.close()
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("run: {name: curves}\n")
+    evaluation = published["evals"]["trained"]
+    out = publish_run(
+        cfg,
+        "curves-run",
+        hf_dir=published["drafts"]["trained"],
+        evaluation=evaluation,
+        config_file=config_file,
+        metrics_file=metrics,
+        perf={"train_tokens_per_s": 123.0, "pipeline_efficiency": 0.97},
+    )
+    client = client_for(cfg)
+    run = client.get_run(out["run_id"])
+    assert run.data.params["training.learning_rate"] == str(cfg.training.learning_rate)
+    assert run.data.params["draft.capture_indices"] == "null"
+    assert run.data.tags["specflow.run_id"] == "curves-run" and run.info.status == "FINISHED"
+    history = client.get_metric_history(out["run_id"], "train/acc_k_1")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.05), (2, 0.1), (3, 0.15)]
+    assert [m.step for m in client.get_metric_history(out["run_id"], "train/loss")] == [1, 2, 3]
+    assert run.data.metrics["val/tau_sim"] == pytest.approx(0.6)
+    assert run.data.metrics["acceptance/tau"] == pytest.approx(evaluation["tau"])
+    assert run.data.metrics["acceptance/alpha_1"] == pytest.approx(evaluation["alpha"][0])
+    assert run.data.metrics["perf/pipeline_efficiency"] == pytest.approx(0.97)
+    names = {a.path for a in client.list_artifacts(out["run_id"], "draft")}
+    assert {"draft/config.json", "draft/model.safetensors"} <= names
+    assert {a.path for a in client.list_artifacts(out["run_id"], "run")} == {
+        "run/config.yaml",
+        "run/metrics.jsonl",
+    }
+    assert "eval/acceptance.json" in {a.path for a in client.list_artifacts(out["run_id"], "eval")}
+
+    tags = client.get_model_version("curves", out["version"]).tags
+    assert tags["target_model"] == cfg.target.path and tags["algorithm"] == "eagle3"
+    assert json.loads(tags["capture_indices"]) == [1, 2, 3]
+    assert tags["draft_vocab_size"] == "49152" and float(tags["tau"]) == pytest.approx(2.0)
+    assert tags["eval_set_hash"] == evaluation["eval_set_hash"] and "dataset_hash" in tags
+    assert out["model_uri"] == f"models:/curves/{out['version']}"
+
+
+def test_fetch_by_alias_returns_the_exported_dir(published, tmp_path):
+    import mlflow
+
+    cfg, trained = published["cfg"], published["drafts"]["trained"]
+    publish_run(cfg, "run-strong", hf_dir=trained, evaluation=published["evals"]["trained"])
+    local = fetch(f"{NAME}@champion", tmp_path / "a", config=cfg)
+    for name in ("config.json", "model.safetensors"):
+        assert (local / name).read_bytes() == (trained / name).read_bytes()
+    uri = settings_for(cfg).tracking_uri
+    by_version = fetch(f"{NAME}/1", tmp_path / "b", tracking_uri=uri)
+    assert (by_version / "config.json").is_file()
+    # The plain MLflow path from the README.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        plain = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{NAME}@champion", dst_path=str(tmp_path / "c")
+            )
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert (plain / "model.safetensors").read_bytes() == (
+        trained / "model.safetensors"
+    ).read_bytes()
+
+    with pytest.raises(ConfigError, match="cannot fetch") as err:
+        fetch(f"{NAME}@nobody", tmp_path / "d", config=cfg)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="NAME@ALIAS"):
+        parse_model_spec("just-a-name")
+    assert parse_model_spec("models:/m@champion") == ("m", "champion", None)
+    assert parse_model_spec("m/3") == ("m", None, "3")
