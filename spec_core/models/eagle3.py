@@ -193,63 +193,32 @@ class Eagle3Draft(nn.Module):
         """
         num_steps = int(step_scales.numel())
         bsz, full_len = input_ids.shape
-        dtype = self.fc.weight.dtype
         device = input_ids.device
-        rows_used = label_rows(loss_mask, attention_mask)  # [B, T] target rows
-        valid = step_valid(rows_used, num_steps)  # [K, B, T]
-        need = valid.flip(0).cumsum(0).flip(0) > 0  # step k needed at t if any later step is
+        target_used = label_rows(loss_mask, attention_mask)  # [B, T] target rows
+        valid = step_valid(target_used, num_steps)  # [K, B, T] supervised (step, position)
+        need = valid.flip(0).cumsum(0).flip(0) > 0  # step k runs at t if any step >= k counts
         needed_pos = need[0].any(dim=0).nonzero()
         length = int(needed_pos.max()) + 1 if needed_pos.numel() else 1
-        ids = F.pad(input_ids.clamp(0, self.config.vocab_size - 1), (0, num_steps + 1))
+        rows, outs = self._unroll(input_ids, aux_hidden, need[:, :, :length])
 
-        # Step 0: every position up to the last needed one (its keys are the prefix cache).
-        positions = torch.arange(length, device=device)
-        cos, sin = self.rotary_emb(self.fc.weight, positions)
-        hidden = self.fc(aux_hidden[:, :length].to(dtype))
-        embeds = self.embed_tokens(ids[:, 1 : 1 + length]).to(dtype)
-        out0, k0, v0 = self.midlayer(embeds, hidden, cos, sin, causal_attention)
-        outs = [out0.reshape(bsz * length, -1)]
-        rows = [torch.arange(bsz * length, device=device)]
-        diag_keys: list[torch.Tensor] = []  # step j (>= 1) keys/values, on rows[j]
-        diag_values: list[torch.Tensor] = []
-
-        for k in range(1, num_steps):
-            rows_k = need[k, :, :length].reshape(-1).nonzero().squeeze(1)
-            if rows_k.numel() == 0:
-                break
-            batch_idx, pos_idx = rows_k // length, rows_k % length
-            prev = torch.searchsorted(rows[k - 1], rows_k)
-            embeds = self.embed_tokens(ids[batch_idx, pos_idx + 1 + k]).to(dtype)
-            cos, sin = self.rotary_emb(self.fc.weight, pos_idx + k)
-            earlier = []
-            for j in range(k - 1):
-                idx = torch.searchsorted(rows[j + 1], rows_k)
-                earlier.append((diag_keys[j][idx], diag_values[j][idx]))
-            attend = self._ttt_attend(k0, v0, earlier, pos_idx, batch_idx, bsz)
-            out_k, key_k, value_k = self.midlayer(embeds, outs[k - 1][prev], cos, sin, attend)
-            outs.append(out_k)
-            rows.append(rows_k)
-            diag_keys.append(key_k)
-            diag_values.append(value_k)
-
-        target_rows = rows_used.reshape(-1).nonzero().squeeze(1)  # flat b*T + u
+        target_rows = target_used.reshape(-1).nonzero().squeeze(1)  # flat b*T + u
         draft_x, row_target, row_scale, row_step = [], [], [], []
         for k, (rows_k, out_k) in enumerate(zip(rows, outs, strict=True)):
             sup = valid[k, :, :length].reshape(-1).nonzero().squeeze(1)
             if sup.numel() == 0:
                 continue
             draft_x.append(out_k[torch.searchsorted(rows_k, sup)])
-            flat_target = (sup // length) * full_len + sup % length + 1 + k
+            flat_target = (sup // length) * full_len + sup % length + 1 + k  # u = t + 1 + k
             row_target.append(torch.searchsorted(target_rows, flat_target))
             row_scale.append(step_scales[k].to(device).expand(sup.numel()))
             row_step.append(torch.full_like(sup, k))
 
         if not draft_x:  # nothing supervised: a zero loss that still reaches every weight
-            touch = out0.sum() + self.lm_head.weight.sum() + self.norm.weight.sum()
+            touch = outs[0].sum() + self.lm_head.weight.sum() + self.norm.weight.sum()
             metrics = torch.zeros(num_steps, NUM_METRICS, dtype=torch.float64, device=device)
             return touch * 0.0, metrics
 
-        order = torch.argsort(torch.cat(row_target), stable=True)
+        order = torch.argsort(torch.cat(row_target), stable=True)  # group rows by target row
         x = self.norm(torch.cat(draft_x)[order])
         target_hidden = target.prepare(
             last_hidden.reshape(bsz * full_len, -1)[target_rows].to(target.weight.dtype)
@@ -265,6 +234,47 @@ class Eagle3Draft(nn.Module):
             num_steps,
             chunk_rows,
         )
+
+    def _unroll(
+        self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, need: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run the TTT steps; ``need`` [K, B, L] says where each step is needed.
+
+        Returns per step the flat rows (b * L + t) it ran on and its pre-norm outputs there.
+        Step 0 runs densely on [B, L] (its keys/values are every later step's prefix cache);
+        step k >= 1 runs on its needed rows only, fed the previous step's output at those rows.
+        """
+        num_steps, bsz, length = need.shape
+        dtype = self.fc.weight.dtype
+        device = input_ids.device
+        ids = F.pad(input_ids.clamp(0, self.config.vocab_size - 1), (0, num_steps + 1))
+        cos, sin = self.rotary_emb(self.fc.weight, torch.arange(length, device=device))
+        hidden = self.fc(aux_hidden[:, :length].to(dtype))
+        embeds = self.embed_tokens(ids[:, 1 : 1 + length]).to(dtype)
+        out0, k0, v0 = self.midlayer(embeds, hidden, cos, sin, causal_attention)
+        outs = [out0.reshape(bsz * length, -1)]
+        rows = [torch.arange(bsz * length, device=device)]
+        diag_keys: list[torch.Tensor] = []  # step j >= 1 keys/values, on rows[j]
+        diag_values: list[torch.Tensor] = []
+        for k in range(1, num_steps):
+            rows_k = need[k].reshape(-1).nonzero().squeeze(1)
+            if rows_k.numel() == 0:
+                break
+            batch_idx, pos_idx = rows_k // length, rows_k % length
+            embeds = self.embed_tokens(ids[batch_idx, pos_idx + 1 + k]).to(dtype)
+            cos, sin = self.rotary_emb(self.fc.weight, pos_idx + k)
+            earlier = []
+            for j in range(k - 1):
+                idx = torch.searchsorted(rows[j + 1], rows_k)
+                earlier.append((diag_keys[j][idx], diag_values[j][idx]))
+            attend = self._ttt_attend(k0, v0, earlier, pos_idx, batch_idx, bsz)
+            prev = outs[k - 1][torch.searchsorted(rows[k - 1], rows_k)]
+            out_k, key_k, value_k = self.midlayer(embeds, prev, cos, sin, attend)
+            outs.append(out_k)
+            rows.append(rows_k)
+            diag_keys.append(key_k)
+            diag_values.append(value_k)
+        return rows, outs
 
     def _ttt_attend(
         self,

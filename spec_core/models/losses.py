@@ -23,6 +23,8 @@ import torch.nn.functional as F
 # Columns of the per-step metric sums (all-reduced SUM across micro-batches and ranks).
 M_COUNT, M_CE, M_CORRECT, M_IN_VOCAB = range(4)
 NUM_METRICS = 4
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
+MIN_CHUNK_ROWS = 64  # below this, re-reading the vocab weights dominates
 
 
 def label_rows(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,10 @@ class _ChunkedSoftCE(torch.autograd.Function):
         offsets = torch.searchsorted(
             row_target, torch.arange(num_targets + 1, device=row_target.device)
         ).tolist()
-        per_chunk = max(1, chunk_rows // num_steps)
+        # at most chunk_rows draft rows and CHUNK_ELEMENTS logits per chunk: peak memory is
+        # bounded whatever B x T and V are
+        rows = max(MIN_CHUNK_ROWS, min(chunk_rows, CHUNK_ELEMENTS // weight.shape[0]))
+        per_chunk = max(1, rows // num_steps)
         for a in range(0, num_targets, per_chunk):
             b = min(a + per_chunk, num_targets)
             lo, hi = offsets[a], offsets[b]
