@@ -259,3 +259,35 @@ def test_launcher_reports_the_worker_error_and_leaves_no_process(tmp_path: Path,
             except OSError:
                 continue
             assert job_path not in cmdline, f"process {pid} survived: {cmdline}"
+
+
+def test_specflow_train_cli_prepares_data_and_trains(tmp_path: Path, tiny_target_dir: Path, capsys):
+    from spec_core.training.launcher import main
+
+    rc = main(
+        [
+            f"target.path={tiny_target_dir}",
+            "dataset.max_conversations=24",
+            "dataset.eval_conversations=4",
+            "dataset.max_seq_length=96",
+            "dataset.num_proc=1",
+            "vocab.draft_vocab_size=512",
+            f"run.output_dir={tmp_path}",
+            "run.run_id=cli",
+            "training.nproc_per_node=2",
+            "training.num_steps=2",
+            "training.micro_batch_size=2",
+            "training.eval_batches=1",
+            "draft.ttt_length=2",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    out = json.loads(printed[printed.rindex("\n{\n") + 1 :])  # the summary the CLI prints last
+    assert out["steps"] == 2 and out["final_eval"]["split"] == "eval"
+    run_dir = tmp_path / "runs" / "cli"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
+    ckpt = Path(out["last_checkpoint"])
+    assert (ckpt / "vocab_map.safetensors").is_file()
+    draft_cfg = json.loads((ckpt / "config.json").read_text())
+    assert draft_cfg["draft_vocab_size"] == 512 and draft_cfg["vocab_size"] == 49152

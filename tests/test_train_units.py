@@ -210,3 +210,25 @@ def test_non_finite_step_is_skipped_and_counted(
     assert "embed_tokens.weight" not in changed
     assert trainer.step == 2 and len(source.acked) == 8  # 2 steps x micro 2 x accum 2
     assert spec.aux_dim == 3 * 64
+
+
+def test_checkpoint_rotation_keeps_best_and_latest(tmp_path: Path):
+    from spec_core.training.checkpoint import Checkpointer, resolve_checkpoint
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    config = tmp_path / "draft_config.json"
+    config.write_text("{}")
+    ckpts = Checkpointer(tmp_path / "checkpoints", rank=0, world_size=1, max_checkpoints=2)
+    for step in (10, 20, 30, 40):
+        ckpts.save(
+            step, model, optimizer, scheduler, ListSource([]), {}, config, None, is_best=step == 20
+        )
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["iter_0000020", "iter_0000030", "iter_0000040"]  # best survives rotation
+    assert ckpts.latest.name == "iter_0000040" and ckpts.best.name == "iter_0000020"
+    assert resolve_checkpoint(tmp_path) == ckpts.latest  # a run dir resolves to latest
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "iter_0000030").name == "iter_0000030"
+    with pytest.raises(Exception, match="no checkpoint"):
+        resolve_checkpoint(tmp_path / "nothing")

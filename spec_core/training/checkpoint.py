@@ -171,14 +171,16 @@ class Checkpointer:
         return final
 
     def _rotate(self) -> None:
+        """Keep the ``max_checkpoints`` newest, plus ``best`` wherever it is."""
         if self.max_checkpoints <= 0:
             return
-        keep = {p.name for p in (self.latest, self.best) if p is not None}
         ckpts = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and "." not in p.name)
-        removable = [p for p in ckpts if p.name not in keep]
-        excess = len(ckpts) - self.max_checkpoints
-        for path in removable[: max(0, excess)]:
-            shutil.rmtree(path, ignore_errors=True)
+        keep = {p.name for p in ckpts[-self.max_checkpoints :]}
+        if self.best is not None:
+            keep.add(self.best.name)
+        for path in ckpts:
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def load(
         self,
