@@ -89,7 +89,7 @@ def test_budget_blocks_until_ack_and_counter_never_exceeds_it(server):
     time.sleep(0.3)
     assert t.is_alive() and q.resident_bytes() == 200
     trainer = KeyQueue.connect(server, "run", 250)
-    refs = [trainer.try_pop(), trainer.try_pop()]
+    refs = [trainer.try_pop(0), trainer.try_pop(0)]
     trainer.ack(refs)  # frees 200
     t.join(5)
     assert not t.is_alive() and waited[0] >= 0.25 and q.resident_bytes() == 100
@@ -116,7 +116,7 @@ def test_publish_once_per_sample_and_loser_releases_reservation(server):
     assert q.publish(c, _ref(c))
     assert not q.publish(later, _ref(later))
     assert q.resident_bytes() == 100  # only the published sample's bytes remain
-    assert q.try_pop().attempt == c.attempt and q.try_pop() is None
+    assert q.try_pop(0).attempt == c.attempt and q.try_pop(0) is None
 
 
 def test_dead_producer_claims_are_reaped_with_their_reservations(server):
@@ -166,14 +166,14 @@ def test_end_of_data_skip_drop_and_missing_requeue(server):
     assert q.resolve(claims[0], "skipped") and not q.resolve(claims[0], "skipped")
     assert q.resolve(claims[1], "dropped")
     _publish_all(q, "p", claims[2:])
-    assert q.production_complete() and not q.end_of_data()  # refs still queued
+    assert q.production_complete() and not q.end_of_data(0)  # refs still queued
     refs = []
-    while (r := q.try_pop()) is not None:
+    while (r := q.try_pop(0)) is not None:
         refs.append(r)
-    assert q.end_of_data()
+    assert q.end_of_data(0)
     # A trainer finds one sample's data gone: production is incomplete again until redone.
     assert q.requeue_missing(refs[0]) and not q.requeue_missing(refs[0])
-    assert not q.end_of_data()
+    assert not q.end_of_data(0)
     (redo,) = q.claim("p", 1, _ids)
     assert (redo.epoch, redo.sample_id, redo.attempt) == (
         refs[0].epoch,
@@ -182,8 +182,8 @@ def test_end_of_data_skip_drop_and_missing_requeue(server):
     )
     q.reserve(redo, 100, lambda: False)
     assert q.publish(redo, _ref(redo))
-    q.ack(refs[1:] + [q.try_pop()])
-    assert q.end_of_data() and q.all_finished()
+    q.ack(refs[1:] + [q.try_pop(0)])
+    assert q.end_of_data(0) and q.all_finished()
     assert q.counts() == {"skipped": 1, "dropped": 1, "reclaimed": 0, "missing": 1}
     assert q.resident_bytes() == 0
 
@@ -212,3 +212,21 @@ def test_sample_ref_attempt_round_trip():
     back = SampleRef.from_json(ref.to_json())
     assert back == ref and back.attempt == 2
     assert tensor_key("run", 0, "x", "input_ids") == "run/0/x/input_ids"
+
+
+def test_refs_are_dealt_round_robin_to_trainer_ranks(server):
+    q = KeyQueue.connect(server, "run", 10_000)
+    q.set_plan(DataPlan(num_samples=7, num_epochs=1, seed=0, num_ranks=3))
+    q.register_producer("p")
+    claims = q.claim("p", 7, lambda e, pos: f"s{pos}")
+    _publish_all(q, "p", claims)
+    per_rank = []
+    for rank in range(3):
+        refs = []
+        while (r := q.try_pop(rank)) is not None:
+            refs.append(r.sample_id)
+        per_rank.append(refs)
+        assert q.end_of_data(rank)
+    assert [len(r) for r in per_rank] == [3, 2, 2]
+    assert sorted(sum(per_rank, [])) == sorted(c.sample_id for c in claims)
+    assert DataPlan.from_json(DataPlan(7, 1, 0, 3).to_json()).num_ranks == 3

@@ -6,8 +6,9 @@ producers and trainer ranks, on any machines, agree without a coordinator proces
 
 Per run (all keys under ``{run_id}/``):
 
-- ``plan``: dataset size, epochs and shuffle seed, set once (compare-and-set) by whoever knows it
-  first; a producer with a different dataset fails fast instead of training on a mix.
+- ``plan``: dataset size, epochs, shuffle seed and number of trainer ranks, set once
+  (compare-and-set) by whoever knows it first; a producer with a different dataset fails fast
+  instead of training on a mix.
 - Claims: epoch ``e``'s shuffled positions are handed out by the counter ``next/e`` (``add``), a
   batch at a time. Each claim is logged under ``claims/<producer>`` and carries an *attempt*
   number. A producer heartbeats ``beat/<producer>``; one whose counter stops moving for
@@ -16,8 +17,11 @@ Per run (all keys under ``{run_id}/``):
 - Resolution: ``resolved/e/<sample>`` is set by compare-and-set when a sample is published (or
   skipped because it was already trained, or dropped as bad data), so a sample is published at
   most once per epoch even if a "dead" producer turns out to be alive. ``done/e`` counts resolved
-  samples; trainers know no more refs will arrive once every ``done/e`` equals the dataset size
-  and the ``refs`` queue is empty (read in that order: publishers push before they count).
+  samples; a rank knows no more refs will arrive once every ``done/e`` equals the dataset size
+  and its ``refs/<rank>`` queue is empty (read in that order: publishers push before they count).
+- Dealing: published refs go round-robin (a global counter) to one queue per trainer rank, so
+  each rank gets its exact share and the ranks run out together: with one shared queue a rank
+  that prefetched more would leave the tail to extra steps the trainer does not plan for.
 - Byte budget: ``resident`` holds the bytes of published-but-unacked samples plus reservations.
   Producers reserve with compare-and-set before putting (so the counter never exceeds the
   budget), trainers subtract on ack. Mooncake evicts silently near 90 % full; the budget keeps
@@ -59,6 +63,7 @@ class DataPlan:
     num_samples: int
     num_epochs: int
     seed: int
+    num_ranks: int = 1  # trainer data-parallel ranks the refs are dealt to
 
     def order(self, epoch: int) -> list[int]:
         """Epoch ``epoch``'s shuffled sample indices: the same on every machine."""
@@ -67,14 +72,24 @@ class DataPlan:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"num_samples": self.num_samples, "num_epochs": self.num_epochs, "seed": self.seed},
+            {
+                "num_samples": self.num_samples,
+                "num_epochs": self.num_epochs,
+                "seed": self.seed,
+                "num_ranks": self.num_ranks,
+            },
             sort_keys=True,
         )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> DataPlan:
         data = json.loads(raw)
-        return cls(int(data["num_samples"]), int(data["num_epochs"]), int(data["seed"]))
+        return cls(
+            int(data["num_samples"]),
+            int(data["num_epochs"]),
+            int(data["seed"]),
+            int(data.get("num_ranks", 1)),
+        )
 
 
 @dataclass(frozen=True)
@@ -313,7 +328,8 @@ class KeyQueue:
         if not self._once("resolved", claim.epoch, claim.sample_id):
             self.release(claim)
             return False
-        self.store.queue_push(self._k("refs"), ref.to_json())
+        rank = (int(self.store.add(self._k("dealt"), 1)) - 1) % self.plan(0.0).num_ranks
+        self.store.queue_push(self._k("refs", rank), ref.to_json())
         # The bytes now belong to the published ref (trainers subtract them on ack). If a reaper
         # wrongly took us for dead and released the reservation meanwhile, count them again.
         if not self.store.delete_key(self._k("resv", claim.epoch, claim.sample_id, claim.attempt)):
@@ -388,30 +404,28 @@ class KeyQueue:
 
     def production_complete(self) -> bool:
         """Every sample of every epoch resolved: no more refs will be pushed (barring redo)."""
-        plan = self._plan
-        assert plan is not None
+        plan = self.plan(0.0)
         return all(self._int("done", e) >= plan.num_samples for e in range(plan.num_epochs))
 
     def all_finished(self) -> bool:
         """Every sample of every epoch trained, skipped or dropped: producers may leave."""
-        plan = self._plan
-        assert plan is not None
+        plan = self.plan(0.0)
         return all(self._int("finished", e) >= plan.num_samples for e in range(plan.num_epochs))
 
     # ---- trainers -----------------------------------------------------------------------------
 
-    def try_pop(self) -> Optional[SampleRef]:
+    def try_pop(self, rank: int) -> Optional[SampleRef]:
         try:
-            raw = self.store.queue_pop(self._k("refs"), block=False)
+            raw = self.store.queue_pop(self._k("refs", rank), block=False)
         except dist.QueueEmptyError:
             return None
         return SampleRef.from_json(raw)
 
-    def end_of_data(self) -> bool:
-        """No ref is queued and none will come. ``done`` is read before the queue length: a
-        publisher pushes its ref before counting it, so this order cannot miss one."""
+    def end_of_data(self, rank: int) -> bool:
+        """No ref is queued for ``rank`` and none will come. ``done`` is read before the queue
+        length: a publisher pushes its ref before counting it, so this order cannot miss one."""
         complete = self.production_complete()
-        return complete and self.store.queue_len(self._k("refs")) == 0
+        return complete and self.store.queue_len(self._k("refs", rank)) == 0
 
     def ack(self, refs: list[SampleRef]) -> None:
         """Trained: never produce these again, and give their bytes back to the budget."""
@@ -464,8 +478,7 @@ class KeyQueue:
     def produced(self) -> int:
         """Samples resolved so far over all planned epochs (published, skipped or dropped):
         generation progress for dashboards."""
-        plan = self._plan
-        assert plan is not None
+        plan = self.plan(0.0)
         return sum(self._int("done", e) for e in range(plan.num_epochs))
 
     def counts(self) -> dict[str, int]:

@@ -1,0 +1,411 @@
+"""A hidden-state producer: claim -> engine -> put -> publish, until every sample is trained.
+
+One producer per process (``python -m spec_core.engines.producer --job job.json``) or per Prefect
+flow run (``run_producer``). Any number of them, on any machines, share one run through the key
+queue; each claims a batch of samples, runs the target, puts the tensors into Mooncake and
+publishes a ``SampleRef``. It waits (counted as ``budget_wait_s``) whenever the byte budget is used
+up, and stays until every epoch is *finished* (trained, skipped or dropped), re-producing samples
+whose data went missing or whose producer died, then leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from spec_core.config import Config, config_from_dict, config_to_dict
+from spec_core.engines.base import CapturedSample, CaptureSpec, HiddenStateEngine, TokenizedSample
+from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.transfer.queue import Claim, DataPlan, KeyQueue
+from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
+from spec_core.transfer.services import ServiceAddresses
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAST_HIDDEN_ALGORITHMS = ("eagle3", "dspark")  # losses that need target logits
+
+
+def capture_spec_for(cfg: Config, num_layers: int) -> CaptureSpec:
+    """What producers capture for this config (the trainer derives the same ``SampleSpec``)."""
+    from spec_core.models.draft_config import default_capture_indices
+
+    indices = cfg.draft.capture_indices
+    if not indices:
+        if cfg.draft.algorithm != "eagle3":
+            raise ConfigError(
+                f"set 'draft.capture_indices' for {cfg.draft.algorithm} (no default capture layers)"
+            )
+        indices = list(default_capture_indices(num_layers))
+    return CaptureSpec(
+        capture_indices=tuple(int(i) for i in indices),
+        with_last_hidden=cfg.draft.algorithm in LAST_HIDDEN_ALGORITHMS,
+        dtype=DTYPES[cfg.inference.dtype],
+    )
+
+
+def make_plan(cfg: Config, num_samples: int) -> DataPlan:
+    """Epochs to produce: ``training.num_epochs``, or enough for ``training.num_steps``."""
+    t = cfg.training
+    epochs = t.num_epochs
+    if t.num_steps is not None:
+        per_step = t.micro_batch_size * t.accumulation_steps * t.nproc_per_node * t.nnodes
+        epochs = max(1, math.ceil(t.num_steps * per_step / max(num_samples, 1)))
+    return DataPlan(
+        num_samples=num_samples,
+        num_epochs=epochs,
+        seed=t.seed,
+        num_ranks=t.nproc_per_node * t.nnodes,
+    )
+
+
+@dataclass
+class ProducerStats:
+    producer: str
+    samples: int = 0
+    tokens: int = 0
+    skipped: int = 0  # already trained (resume)
+    dropped: int = 0  # bad data, counted and logged
+    duplicates: int = 0  # produced but another attempt published first
+    wall_s: float = 0.0
+    engine_s: float = 0.0
+    put_s: float = 0.0
+    budget_wait_s: float = 0.0
+    idle_s: float = 0.0  # nothing claimable (waiting for the gate or the end)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s)
+        return data
+
+    def summary(self) -> str:
+        return (
+            f"producer {self.producer}: {self.samples} samples, {self.tokens} tokens in "
+            f"{self.wall_s:.1f}s ({self.samples_per_s:.2f} samples/s, {self.tokens_per_s:.0f} tok/s); "
+            f"engine {self.engine_s:.1f}s, put {self.put_s:.1f}s, budget wait "
+            f"{self.budget_wait_s:.1f}s, idle {self.idle_s:.1f}s; skipped {self.skipped}, "
+            f"dropped {self.dropped}, duplicates {self.duplicates}"
+        )
+
+
+class _Dataset:
+    """The prepared (tokenized) split: sample ids in row order, rows fetched on demand."""
+
+    def __init__(self, path: Path) -> None:
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(
+                f"{path}: not a prepared dataset ({exc}); run the data stage first"
+            ) from None
+        missing = {"sample_id", "input_ids", "loss_mask"} - set(ds.column_names)
+        if missing:
+            raise DataError(f"{path}: prepared dataset lacks columns {sorted(missing)}")
+        self.ds = ds.select_columns(["sample_id", "input_ids", "loss_mask"])
+        self.ids: list[str] = [str(s) for s in self.ds["sample_id"]]
+        self.row_of = {sid: i for i, sid in enumerate(self.ids)}
+        if len(self.row_of) != len(self.ids):
+            raise DataError(f"{path}: sample_id values are not unique")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample(self, sample_id: str) -> TokenizedSample:
+        row = self.ds[self.row_of[sample_id]]
+        return TokenizedSample(sample_id, list(row["input_ids"]), list(row["loss_mask"]))
+
+
+def _bad_sample_reason(s: TokenizedSample, vocab_size: Optional[int]) -> Optional[str]:
+    if not s.input_ids:
+        return "empty input_ids"
+    if len(s.input_ids) != len(s.loss_mask):
+        return f"input_ids ({len(s.input_ids)}) and loss_mask ({len(s.loss_mask)}) differ in length"
+    if vocab_size is not None and not all(0 <= t < vocab_size for t in s.input_ids):
+        return f"token ids outside the target vocab [0, {vocab_size})"
+    return None
+
+
+def sample_tensors(captured: CapturedSample) -> dict[str, torch.Tensor]:
+    tensors = {
+        "input_ids": captured.input_ids.to(torch.int64),
+        "loss_mask": captured.loss_mask.to(torch.uint8),
+        "aux_hidden": captured.aux_hidden,
+    }
+    if captured.last_hidden is not None:
+        tensors["last_hidden"] = captured.last_hidden
+    return tensors
+
+
+def make_ref(run: str, claim: Claim, producer: str, tensors: dict[str, torch.Tensor]) -> SampleRef:
+    metas = {
+        name: TensorMeta(
+            key=tensor_key(run, claim.epoch, claim.sample_id, name, claim.attempt),
+            shape=tuple(t.shape),
+            dtype=str(t.dtype).removeprefix("torch."),
+        )
+        for name, t in tensors.items()
+    }
+    return SampleRef(run, claim.epoch, claim.sample_id, metas, producer, claim.attempt)
+
+
+def attempt_keys(run: str, claim: Claim) -> list[str]:
+    from spec_core.transfer.records import TENSOR_NAMES
+
+    return [tensor_key(run, claim.epoch, claim.sample_id, n, claim.attempt) for n in TENSOR_NAMES]
+
+
+def build_engine(cfg: Config, target_dir: Path) -> HiddenStateEngine:
+    if cfg.inference.engine != "hf":
+        raise ConfigError(
+            f"'inference.engine' {cfg.inference.engine} is not available in this build; use hf"
+        )
+    from transformers import AutoConfig
+
+    from spec_core.engines.hf import HFEngine
+
+    num_layers = int(AutoConfig.from_pretrained(str(target_dir)).num_hidden_layers)
+    return HFEngine(
+        target_dir,
+        capture_spec_for(cfg, num_layers),
+        device=cfg.inference.device,
+        batch_size=cfg.inference.batch_size,
+        model_dtype=DTYPES[cfg.target.dtype],
+    )
+
+
+def run_producer(
+    cfg: Config,
+    addresses: ServiceAddresses,
+    train_data: str | Path,
+    producer_id: str,
+    *,
+    target_dir: Optional[str | Path] = None,
+    engine: Optional[HiddenStateEngine] = None,
+    log_interval_s: float = 30.0,
+) -> ProducerStats:
+    """Produce until every sample of every planned epoch is finished (or a stop is requested)."""
+    t = cfg.transfer
+    start = time.monotonic()
+    stats = ProducerStats(producer=producer_id)
+    data = _Dataset(Path(train_data))
+    queue = addresses.connect_queue(t.connect_timeout_s)
+    plan = queue.set_plan(make_plan(cfg, len(data)))
+    orders: dict[int, list[int]] = {}
+
+    def sample_id_of(epoch: int, pos: int) -> str:
+        if epoch not in orders:
+            orders[epoch] = plan.order(epoch)
+        return data.ids[orders[epoch][pos]]
+
+    queue.register_producer(producer_id)
+    heartbeat = queue.start_heartbeat(producer_id, max(t.claim_lease_s / 6, 0.2))
+    store = None
+    try:
+        store = addresses.connect_store(t)
+        if engine is None:
+            from spec_core.assets import resolve_target_path
+            from spec_core.paths import cache_dir
+
+            target = (
+                Path(target_dir)
+                if target_dir
+                else resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
+            )
+            engine = build_engine(cfg, target)
+        vocab_size = _vocab_size(engine)
+
+        def remove_attempt(claim: Claim) -> None:
+            store.remove(attempt_keys(addresses.run_id, claim))
+
+        stats.idle_s += _wait_gate(queue, t.pop_timeout_s)
+        last_log = time.monotonic()
+        idle_delay = 0.01
+        while not queue.stop_requested():
+            claims = queue.claim(producer_id, cfg.inference.batch_size, sample_id_of)
+            if not claims:
+                if queue.all_finished():
+                    break
+                queue.reap(producer_id, remove_attempt, t.claim_lease_s)
+                t0 = time.monotonic()
+                time.sleep(idle_delay)
+                idle_delay = min(idle_delay * 2, 0.25)
+                stats.idle_s += time.monotonic() - t0
+                continue
+            idle_delay = 0.01
+            _produce(
+                claims, data, engine, store, queue, addresses.run_id, producer_id, vocab_size, stats
+            )
+            if time.monotonic() - last_log > log_interval_s:
+                stats.wall_s = time.monotonic() - start
+                log.info(stats.summary())
+                last_log = time.monotonic()
+    finally:
+        heartbeat.set()
+        try:
+            # Hand back whatever this producer claimed but did not publish (failure or stop).
+            if store is not None:
+                queue.retire(producer_id, lambda c: store.remove(attempt_keys(addresses.run_id, c)))
+        finally:
+            if store is not None:
+                store.close()
+            if engine is not None:
+                engine.close()
+    stats.wall_s = time.monotonic() - start
+    log.info(stats.summary())
+    return stats
+
+
+def _vocab_size(engine: HiddenStateEngine) -> Optional[int]:
+    model = getattr(engine, "model", None)
+    return int(model.config.vocab_size) if model is not None else None
+
+
+def _wait_gate(queue: KeyQueue, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while not queue.gate_open():
+        if queue.stop_requested():
+            break
+        if time.monotonic() - t0 > timeout_s:
+            raise SpecflowError(f"no trainer opened the key queue within {timeout_s:.0f}s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def _produce(
+    claims: Sequence[Claim],
+    data: _Dataset,
+    engine: HiddenStateEngine,
+    store: Any,
+    queue: KeyQueue,
+    run: str,
+    producer: str,
+    vocab_size: Optional[int],
+    stats: ProducerStats,
+) -> None:
+    todo: list[tuple[Claim, TokenizedSample]] = []
+    for claim in claims:
+        if queue.is_resolved(claim):  # a re-queued sample another attempt already published
+            continue
+        if queue.is_acked(claim.epoch, claim.sample_id):
+            if queue.resolve(claim, "skipped"):
+                stats.skipped += 1
+            continue
+        sample = data.sample(claim.sample_id)
+        reason = _bad_sample_reason(sample, vocab_size)
+        if reason is not None:
+            log.warning("dropping sample %s: %s", claim.sample_id, reason)
+            if queue.resolve(claim, "dropped"):
+                stats.dropped += 1
+            continue
+        todo.append((claim, sample))
+    if not todo:
+        return
+    t0 = time.monotonic()
+    captured = engine.capture([s for _, s in todo])
+    stats.engine_s += time.monotonic() - t0
+    for (claim, sample), cap in zip(todo, captured, strict=True):
+        tensors = sample_tensors(cap)
+        ref = make_ref(run, claim, producer, tensors)
+        stats.budget_wait_s += queue.reserve(claim, ref.nbytes, queue.stop_requested)
+        t0 = time.monotonic()
+        try:
+            store.put([(ref.tensors[name].key, t) for name, t in tensors.items()])
+        except BaseException:
+            queue.release(claim)
+            raise
+        stats.put_s += time.monotonic() - t0
+        if queue.publish(claim, ref):
+            stats.samples += 1
+            stats.tokens += len(sample.input_ids)
+        else:
+            store.remove(ref.keys)
+            stats.duplicates += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Process entry point
+
+
+@dataclass
+class ProducerJob:
+    """Everything ``python -m spec_core.engines.producer`` needs, as JSON (no pickle)."""
+
+    config: dict[str, Any]
+    services: dict[str, Any]
+    train_data: str
+    producer_id: str
+    target_dir: Optional[str] = None
+    stats_out: Optional[str] = None
+
+    @classmethod
+    def create(cls, cfg: Config, addresses: ServiceAddresses, **fields: Any) -> ProducerJob:
+        return cls(config=config_to_dict(cfg), services=addresses.to_dict(), **fields)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProducerJob:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: cannot read the producer job: {exc}") from None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="specflow produce", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="producer job JSON (ProducerJob)")
+    args = parser.parse_args(argv)
+    try:
+        job = ProducerJob.load(args.job)
+        cfg = config_from_dict(job.config)
+        logging.basicConfig(
+            level=cfg.run.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
+        stats = run_producer(
+            cfg,
+            ServiceAddresses.from_dict(job.services),
+            job.train_data,
+            job.producer_id,
+            target_dir=job.target_dir,
+        )
+    except SpecflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if job.stats_out:
+        Path(job.stats_out).write_text(json.dumps(stats.to_dict(), indent=2))
+    print(stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
