@@ -185,24 +185,26 @@ def project_pools_and_deployments(prefect_yaml: Path) -> tuple[list[str], list[s
 
 def create_pools(api_url: str, pools: list[str]) -> None:
     """Process work pools with Prefect's default process job template (idempotent)."""
-    code = (
-        "import asyncio, sys\n"
-        "from prefect.client.orchestration import get_client\n"
-        "from prefect.client.schemas.actions import WorkPoolCreate\n"
-        "from prefect.exceptions import ObjectAlreadyExists\n"
-        "from prefect.workers.process import ProcessWorker\n"
-        "async def main(names):\n"
-        "    template = ProcessWorker.get_default_base_job_template()\n"
-        "    async with get_client() as client:\n"
-        "        for name in names:\n"
-        "            try:\n"
-        "                await client.create_work_pool(WorkPoolCreate(name=name, type='process',"
-        " base_job_template=template))\n"
-        "            except ObjectAlreadyExists:\n"
-        "                pass\n"
-        "asyncio.run(main(sys.argv[1:]))\n"
-    )
-    _run_checked([sys.executable, "-c", code, *pools], api_url, "create work pools")
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    async def create() -> None:
+        template = ProcessWorker.get_default_base_job_template()
+        async with get_client() as client:
+            for name in pools:
+                pool = WorkPoolCreate(name=name, type="process", base_job_template=template)
+                try:
+                    await client.create_work_pool(pool)
+                except ObjectAlreadyExists:
+                    pass
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        asyncio.run(create())
 
 
 def _run_checked(argv: list[str], api_url: str, what: str) -> None:

@@ -26,6 +26,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
+from prefect.settings import (
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
 
 from flows.children import Child, deployment_child, local_child, run_concurrently
 from flows.generate import hidden_state_generation
@@ -284,7 +289,10 @@ async def speculative_training(
         "stages": stage.seconds,
         "wall_s": round(time.monotonic() - started, 2),
         "cache": cache_states,
-        "data": {k: data["report"][k] for k in ("train_samples", "eval_samples", "train_tokens")},
+        # (no top-level "data" key: Prefect reads one in a persisted flow result as a legacy blob)
+        "dataset": {
+            k: data["report"][k] for k in ("train_samples", "eval_samples", "train_tokens")
+        },
         "vocab": {k: vocab[k] for k in ("draft_vocab_size", "coverage")} if vocab else None,
         "producers": outcome.producers,
         "producer_failures": outcome.producer_failures,
@@ -304,10 +312,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.num_steps=20")
     args = parser.parse_args(argv)
     resolve(args.config, args.overrides, args.mode)  # bad config: one line, before Prefect starts
+    # Prefect's ephemeral server starts slowly on a busy 2-core machine; no telemetry offline.
+    startup_s = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), 180)
+    settings = {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_s,
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
     try:
-        summary = asyncio.run(
-            speculative_training(config_path=args.config, overrides=args.overrides, mode=args.mode)
-        )
+        with temporary_settings(settings):
+            summary = asyncio.run(
+                speculative_training(
+                    config_path=args.config, overrides=args.overrides, mode=args.mode
+                )
+            )
     except SpecflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,227 @@
+"""``speculative_training`` in local mode, in this process, against a real (temporary) Prefect
+server: a failing trainer fails the parent with the trainer's error and leaves no process behind;
+a killed producer does not stop the run; the tokenize/vocab tasks are Cached on a re-run with the
+same inputs and run again when ``max_seq_length`` changes; a service start is retried.
+
+Three short runs on the tiny random target (Mooncake, key queue, producers and torchrun are real).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BASE_CONFIG = """
+run:
+  name: flowtest
+  output_dir: {out}
+dataset:
+  max_conversations: 40
+  eval_conversations: 4
+  max_seq_length: 128
+target:
+  path: {target}
+draft:
+  ttt_length: 2
+vocab:
+  draft_vocab_size: 1024
+inference:
+  replicas: 2
+  batch_size: 2
+transfer:
+  global_segment_mb: 128
+  byte_budget_mb: 32
+  local_buffer_mb: 32
+  claim_lease_s: 3
+  connect_timeout_s: 20
+training:
+  nproc_per_node: 1
+  micro_batch_size: 2
+  seq_bucket: 32
+  eval_interval: 0
+  save_interval: 0
+  eval_batches: 1
+orchestration:
+  poll_interval_s: 0.5
+  publish: false
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect server + database for this module (not the user's ~/.prefect)."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flow-local")
+
+
+@pytest.fixture(scope="module")
+def config_path(root: Path, tiny_target_dir: Path) -> Path:
+    path = root / "tiny.yaml"
+    path.write_text(BASE_CONFIG.format(out=root / "out", target=tiny_target_dir))
+    return path
+
+
+def run_flow(config_path: Path, overrides: list[str]):
+    from flows.pipeline import speculative_training
+
+    return asyncio.run(
+        speculative_training(config_path=str(config_path), overrides=overrides, return_state=True)
+    )
+
+
+def task_runs(flow_run_id: Any) -> dict[str, Any]:
+    """Task runs of one flow run by task name (``tokenize-dataset``, ...), through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    return {run.name.rsplit("-", 1)[0]: run for run in asyncio.run(read())}
+
+
+def processes_using(root: Path) -> list[str]:
+    """Live processes (not this one) whose command line, cwd or open files are under ``root``:
+    everything a run starts writes its logs there or names its job file there."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            paths = [cmdline]
+            for fd in (entry / "fd").iterdir():
+                try:
+                    paths.append(os.readlink(fd))
+                except OSError:
+                    continue
+            paths.append(os.readlink(entry / "cwd"))
+        except OSError:  # gone, or a zombie
+            continue
+        if any(str(root) in p for p in paths):
+            found.append(f"{entry.name}: {cmdline[:160]}")
+    return found
+
+
+def wait_no_processes(root: Path, timeout_s: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := processes_using(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="module")
+def failed_trainer_run(prefect_server, root: Path, config_path: Path):
+    """First run (fresh data): the trainer fails at start (no checkpoint to continue from)."""
+    state = run_flow(
+        config_path,
+        [
+            "run.run_id=failing-trainer",
+            "training.num_steps=4",
+            "inference.replicas=1",
+            f"training.continual_from={root / 'no-such-checkpoint'}",
+        ],
+    )
+    return state
+
+
+def test_failing_trainer_fails_the_parent_with_its_error_and_leaves_no_process(
+    failed_trainer_run, root: Path
+):
+    state = failed_trainer_run
+    assert state.is_failed()
+    assert "trainer-node-0 failed" in state.message
+    assert "no checkpoint at" in state.message  # the worker's own error line
+    assert wait_no_processes(root) == []
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["tokenize-dataset"].state_name == "Completed"  # fresh inputs: computed
+    assert runs["build-vocab-map"].state_name == "Completed"
+    assert runs["stop-services"].state_name == "Completed"
+
+
+def test_killed_producer_run_finishes_and_reuses_cached_data(
+    failed_trainer_run, root: Path, config_path: Path
+):
+    run_id = "killed-producer"
+    log = root / "out" / "runs" / run_id / "producers" / "logs" / "producer-0.log"
+    killed: list[int] = []
+
+    def kill_producer_0() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            if "Loading weights" in text:  # its engine is up: it is claiming samples
+                for line in processes_using(log.parent.parent):
+                    pid, cmd = line.split(":", 1)
+                    if "producer-0.job.json" in cmd:
+                        os.kill(int(pid), signal.SIGKILL)
+                        killed.append(int(pid))
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_producer_0, daemon=True)
+    killer.start()
+    state = run_flow(config_path, [f"run.run_id={run_id}", "training.num_epochs=1"])
+    killer.join(timeout=5)
+    assert killed, "producer-0 never started"
+    assert state.is_completed(), state.message
+    summary = asyncio.run(state.aresult())
+    assert any("producer-0" in f and "code -9" in f for f in summary["producer_failures"])
+    trainer = summary["training"]["summary"]
+    assert trainer["steps"] == trainer["total_steps"] == 18  # 36 samples, batch 2, one epoch
+    assert trainer["consumed_samples"] == summary["dataset"]["train_samples"] == 36
+    assert Path(summary["training"]["last_checkpoint"]).is_dir()
+    assert summary["perf"]["training_capacity"] > 0 and summary["perf"]["thru"] > 0
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["tokenize-dataset"].state_name == "Cached"  # same inputs as the first run
+    assert runs["build-vocab-map"].state_name == "Cached"
+    assert wait_no_processes(root) == []
+
+
+def test_changed_max_seq_length_reruns_data_tasks_and_service_start_is_retried(
+    failed_trainer_run, root: Path, config_path: Path
+):
+    state = run_flow(
+        config_path,
+        [
+            "run.run_id=unreachable-services",
+            "dataset.max_seq_length=96",
+            "transfer.master_address=127.0.0.1:9",
+            "transfer.metadata_server=http://127.0.0.1:9/metadata",
+            "transfer.queue_address=127.0.0.1:9",
+            "transfer.connect_timeout_s=0.5",
+        ],
+    )
+    assert state.is_failed()
+    assert "mooncake_master at 127.0.0.1:9 is not reachable" in state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["tokenize-dataset"].state_name == "Completed"  # new key: tokenized again
+    assert runs["build-vocab-map"].state_name == "Completed"
+    assert runs["start-services"].run_count == 3  # two retries with backoff, then failed
+    assert runs["start-services"].state_name == "Failed"
