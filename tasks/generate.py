@@ -21,14 +21,13 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from spec_core.config import config_from_dict
-from spec_core.engines.producer import ProducerJob
+from spec_core.engines.producer import SERVICE_EXIT, ProducerJob
 from spec_core.errors import ServiceError, SpecflowError
 from spec_core.transfer.mooncake import spawn
 from spec_core.transfer.services import ServiceAddresses
 from tasks.processes import OWNED, LogTail
 from tasks.services import flow_run_id, transient_failure
 
-SERVICE_EXIT = 3  # the producer's exit code for ServiceError (store full, service gone)
 _ERROR = re.compile(r"^error: (.+)$")
 
 

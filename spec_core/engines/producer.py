@@ -27,7 +27,7 @@ import torch
 
 from spec_core.config import Config, config_from_dict, config_to_dict
 from spec_core.engines.base import CapturedSample, CaptureSpec, HiddenStateEngine, TokenizedSample
-from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.errors import ConfigError, DataError, ServiceError, SpecflowError
 from spec_core.transfer.queue import Claim, DataPlan, KeyQueue
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 from spec_core.transfer.services import ServiceAddresses
@@ -381,6 +381,9 @@ class ProducerJob:
             raise ConfigError(f"{path}: cannot read the producer job: {exc}") from None
 
 
+SERVICE_EXIT = 3  # exit code for ServiceError; 2 = bad config or data (not worth a retry)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="specflow produce", description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="producer job JSON (ProducerJob)")
@@ -398,6 +401,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             job.producer_id,
             target_dir=job.target_dir,
         )
+    except ServiceError as exc:  # store full, a service gone: worth a retry (Prefect task)
+        print(f"error: {exc}", file=sys.stderr)
+        return SERVICE_EXIT
     except SpecflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
