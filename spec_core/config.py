@@ -80,6 +80,7 @@ class DraftConfig:
     attention_backend: str = "auto"  # auto | sdpa | flex
     block_size: int = 16  # dflash/dspark
     num_anchors: int = 512  # dflash/dspark
+    num_capture_layers: int = 5  # dflash/dspark: target layers fused when capture_indices is null
     loss_decay_gamma: Optional[float] = None  # None = 7.0 (dflash) / 4.0 (dspark)
     mask_token_id: Optional[int] = None  # None = derived from the tokenizer
     markov_rank: int = 256  # dspark
@@ -130,7 +131,7 @@ class TransferConfig:
     connect_timeout_s: float = 30.0
     holder_address: Optional[str] = None  # external segment holder host:port (None = start one)
     client_mode: str = "auto"  # auto | shm (same host as the holder) | tcp
-    client_segment_mb: int = 0  # memory each tcp-mode client mounts (external stores without a holder)
+    client_segment_mb: int = 0  # memory a tcp-mode client mounts (stores without a holder)
 
 
 @dataclass
@@ -175,7 +176,6 @@ class EvaluationConfig:
     num_draft_tokens: int = 3
     max_prompt_tokens: int = 512
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
-    num_threads: int = 0  # torch CPU threads while decoding; 0 = torch's default
     num_threads: int = 0  # torch CPU threads while decoding; 0 = torch's default
 
 
@@ -337,6 +337,7 @@ def _check_consistency(cfg: Config) -> None:
             )
         if d.block_size < 2:
             raise ConfigError(f"'draft.block_size' must be >= 2, got {d.block_size}")
+        _check_block_draft(d)
     if v.draft_vocab_size is not None and v.draft_vocab_size <= 0:
         raise ConfigError(
             f"'vocab.draft_vocab_size' must be positive or null, got {v.draft_vocab_size}"
@@ -352,6 +353,42 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(
                 "'dataset.regenerate.endpoint' is required when 'dataset.regenerate.engine' is openai"
             )
+
+
+def _check_block_draft(d: DraftConfig) -> None:
+    """DFlash/DSpark settings that cannot train (checked before any model is built)."""
+    for key in ("num_layers", "num_anchors", "num_capture_layers"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"'draft.{key}' must be >= 1, got {getattr(d, key)}")
+    if d.loss_decay_gamma is not None and d.loss_decay_gamma <= 0:
+        raise ConfigError(
+            f"'draft.loss_decay_gamma' must be positive or null, got {d.loss_decay_gamma}"
+        )
+    if d.algorithm != "dspark":
+        return
+    weights = {
+        "ce_weight": d.ce_weight,
+        "l1_weight": d.l1_weight,
+        "confidence_weight": d.confidence_weight,
+    }
+    for key, value in weights.items():
+        if value < 0:
+            raise ConfigError(f"'draft.{key}' must be >= 0, got {value}")
+    confidence = d.enable_confidence_head and d.confidence_weight > 0
+    if d.ce_weight == 0 and d.l1_weight == 0 and not confidence:
+        raise ConfigError(
+            "dspark needs a positive 'draft.ce_weight', 'draft.l1_weight' or (with "
+            "'draft.enable_confidence_head') 'draft.confidence_weight'"
+        )
+    if d.markov_rank < 0:
+        raise ConfigError(
+            f"'draft.markov_rank' must be >= 0 (0 = no Markov head), got {d.markov_rank}"
+        )
+    if d.enable_confidence_head and d.confidence_head_with_markov and d.markov_rank == 0:
+        raise ConfigError(
+            "'draft.confidence_head_with_markov' needs a Markov head ('draft.markov_rank' > 0); "
+            "set one of them"
+        )
 
 
 def _merge(base: Any, layer: Any, source: str) -> Any:

@@ -296,8 +296,25 @@ def export_draft(
 
     ``target_dir`` (the target's HF dir) lets the validator check vocab, hidden size and RoPE
     against the target, and is required for ``include_embedding`` (the embedding is copied from
-    the target, never taken from anywhere else).
+    the target, never taken from anywhere else). DFlash/DSpark checkpoints are written by
+    ``spec_core.export_dflash`` in their own HF layout.
     """
+    from spec_core.export_dflash import export_block_draft, is_block_checkpoint
+
+    if is_block_checkpoint(checkpoint, select):
+        return export_block_draft(
+            checkpoint,
+            out_dir,
+            select=select,
+            target_dir=target_dir,
+            vocab_map=vocab_map,
+            dtype=dtype,
+            include_embedding=include_embedding,
+            embedding_key=embedding_key,
+            speculators_dir=speculators_dir,
+            provenance=provenance,
+            overwrite=overwrite,
+        )
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")

@@ -1,10 +1,12 @@
-"""The EAGLE-3 training loop: pooled-loss micro-batches, guarded optimizer steps, eval, checkpoints.
+"""The draft training loop: pooled-loss micro-batches, guarded optimizer steps, eval, checkpoints.
 
-Per optimizer step every rank:
-1. takes its micro-batches from the ``SampleSource`` and counts N_k (supervised pairs per TTT
-   step) from the loss masks alone;
-2. all-reduces (N_k, real samples, tokens) - if no rank has a real sample, training is over;
-3. runs forward/backward on each micro-batch with per-step scale w_k / N_k (pooled), syncing
+The algorithm (EAGLE-3, DFlash, DSpark) enters only through its ``Objective``
+(``spec_core.models.algorithm``). Per optimizer step every rank:
+1. takes its micro-batches from the ``SampleSource`` and lets the objective plan each one from
+   the masks alone (EAGLE-3: N_k supervised pairs per TTT step; DFlash/DSpark: sampled anchors and
+   the sum of their prediction weights) - the loss denominators;
+2. all-reduces (denominators, real samples, tokens) - if no rank has a real sample, training is over;
+3. runs forward/backward on each micro-batch with the pooled scales, syncing
    gradients only on the last one - ranks never skip a batch, empty ones contribute zero loss;
 4. clips, and steps AdamW unless the global gradient norm is non-finite (then skips, counted);
 5. acks the samples, all-reduces the metric sums, and logs one JSON line (rank 0).
@@ -26,14 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from spec_core.config import Config
-from spec_core.models.losses import (
-    NUM_METRICS,
-    TargetProjection,
-    pooled_scales,
-    step_weights,
-    summarize,
-    supervised_counts,
-)
+from spec_core.models.algorithm import Objective, get_algorithm
+from spec_core.models.losses import TargetProjection
 from spec_core.training.checkpoint import Checkpointer
 from spec_core.training.fsdp import DistInfo, all_reduce, set_gradient_sync
 from spec_core.training.metrics_log import MetricsWriter
@@ -66,7 +62,10 @@ class Trainer:
         eval_source_factory: Optional[Callable[[], SampleSource]] = None,
         draft_config_file: Optional[Path] = None,
         vocab_map_file: Optional[Path] = None,
+        objective: Optional[Objective] = None,
+        draft_config: Any = None,
     ) -> None:
+        """``objective`` defaults to ``draft.algorithm``'s (which may need ``draft_config``)."""
         self.cfg = cfg
         self.tcfg = cfg.training
         self.info = info
@@ -81,8 +80,9 @@ class Trainer:
         self.eval_source_factory = eval_source_factory
         self.draft_config_file = draft_config_file
         self.vocab_map_file = vocab_map_file
-        self.num_steps = cfg.draft.ttt_length
-        self.decay = cfg.draft.step_weight_decay
+        self.objective = objective or get_algorithm(cfg.draft.algorithm).objective(
+            cfg, draft_config, target
+        )
         self.step = 0
         self.skipped_steps = 0
         self.consumed_samples = 0
@@ -118,49 +118,42 @@ class Trainer:
 
     # ---- one optimizer step ---------------------------------------------------------------
 
-    def _forward(self, batch: Batch, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = batch.to(self.info.device)
-        if batch.last_hidden is None:
-            raise ValueError("EAGLE-3 training needs last hidden states in every batch")
-        return self.model(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.loss_mask,
-            batch.aux_hidden,
-            batch.last_hidden,
-            self.target,
-            scales,
-            self.tcfg.loss_chunk_size,
-        )
+    def _forward(
+        self, batch: Batch, plan: Any, scales: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.objective.forward(self.model, batch.to(self.info.device), plan, scales)
 
-    def _step_counts(self, data: StepData) -> torch.Tensor:
-        """[N_0..N_{K-1}, real samples, real tokens] summed over this rank's micro-batches."""
-        counts = torch.zeros(self.num_steps + 2, dtype=torch.float64)
+    def _step_counts(
+        self, data: StepData, generator: Optional[torch.Generator] = None
+    ) -> tuple[list[Any], torch.Tensor]:
+        """(plans, [loss denominators..., real samples, real tokens]) over this rank's
+        micro-batches."""
+        plans, denominators = [], None
+        real_samples = real_tokens = 0.0
         for mb in data.micro_batches:
-            counts[: self.num_steps] += supervised_counts(
-                mb.loss_mask, mb.attention_mask, self.num_steps
-            ).double()
+            plan, local = self.objective.plan(mb, generator)
+            plans.append(plan)
+            denominators = local if denominators is None else denominators + local
             real = torch.tensor([bool(s) for s in mb.sample_ids])
-            counts[self.num_steps] += float(real.sum())
-            counts[self.num_steps + 1] += float(mb.attention_mask[real].sum())
-        return counts
+            real_samples += float(real.sum())
+            real_tokens += float(mb.attention_mask[real].sum())
+        tail = torch.tensor([real_samples, real_tokens], dtype=torch.float64)
+        return plans, torch.cat([denominators.to(torch.float64), tail])
 
     def train_step(self, data: StepData) -> Optional[StepOutcome]:
         """Run one optimizer step; None when no rank had a real sample (end of data)."""
         started = time.perf_counter()
-        counts = all_reduce(self._step_counts(data).to(self.info.device)).cpu()
-        if counts[self.num_steps] == 0:
+        plans, local_counts = self._step_counts(data)
+        counts = all_reduce(local_counts.to(self.info.device)).cpu()
+        num_samples, num_tokens = counts[-2], counts[-1]
+        if num_samples == 0:
             return None
-        scales = pooled_scales(
-            counts[: self.num_steps], self.num_steps, self.decay, self.info.world_size
-        )
-        sums = torch.zeros(
-            self.num_steps, NUM_METRICS, dtype=torch.float64, device=self.info.device
-        )
+        scales = self.objective.scales(counts[:-2], self.info.world_size)
+        sums = self.objective.metric_zeros(self.info.device)
         last = len(data.micro_batches) - 1
-        for i, batch in enumerate(data.micro_batches):
+        for i, (batch, plan) in enumerate(zip(data.micro_batches, plans, strict=True)):
             set_gradient_sync(self.model, i == last)
-            loss, metric_sums = self._forward(batch, scales)
+            loss, metric_sums = self._forward(batch, plan, scales)
             loss.backward()
             sums += metric_sums
         grad_norm = clip_gradients(self.model, self.tcfg.max_grad_norm)
@@ -179,8 +172,8 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         self.source.ack(data.sample_ids)
-        self.consumed_samples += int(counts[self.num_steps])
-        self.consumed_tokens += int(counts[self.num_steps + 1])
+        self.consumed_samples += int(num_samples)
+        self.consumed_tokens += int(num_tokens)
         compute_s = time.perf_counter() - started
         all_reduce(sums)
         timing = torch.tensor([data.data_wait_s, compute_s], dtype=torch.float64)
@@ -189,12 +182,12 @@ class Trainer:
         record = {
             "split": "train",
             "step": self.step,
-            **summarize(sums, self.decay),
+            **self.objective.summarize(sums),
             "lr": lr,
             "grad_norm": grad_norm,
-            "samples": int(counts[self.num_steps]),
-            "tokens": int(counts[self.num_steps + 1]),
-            "tokens_per_s": float(counts[self.num_steps + 1]) / max(wall, 1e-9),
+            "samples": int(num_samples),
+            "tokens": int(num_tokens),
+            "tokens_per_s": float(num_tokens) / max(wall, 1e-9),
             "data_wait_s": float(timing[0]),
             "compute_s": float(timing[1]),
             "skipped": skipped,
@@ -210,10 +203,8 @@ class Trainer:
         if self.eval_source_factory is None:
             return None
         source = self.eval_source_factory()
-        weights = step_weights(self.num_steps, self.decay)
-        sums = torch.zeros(
-            self.num_steps, NUM_METRICS, dtype=torch.float64, device=self.info.device
-        )
+        sums = self.objective.metric_zeros(self.info.device)
+        generator = torch.Generator().manual_seed(self.tcfg.seed)  # same anchors every eval
         samples = 0
         started = time.perf_counter()
         try:
@@ -223,8 +214,10 @@ class Trainer:
                 if real.item() == 0:
                     break
                 samples += int(real.item())
-                for batch in data.micro_batches:
-                    _, metric_sums = self._forward(batch, weights)
+                plans, local_counts = self._step_counts(data, generator)
+                scales = self.objective.scales(local_counts[:-2], 1)  # only metrics are kept
+                for batch, plan in zip(data.micro_batches, plans, strict=True):
+                    _, metric_sums = self._forward(batch, plan, scales)
                     sums += metric_sums
         finally:
             source.close()
@@ -232,7 +225,7 @@ class Trainer:
         record = {
             "split": "eval",
             "step": self.step,
-            **summarize(sums, self.decay),
+            **self.objective.summarize(sums),
             "samples": samples,
             "eval_s": time.perf_counter() - started,
         }

@@ -21,9 +21,7 @@ import torch.distributed as dist
 
 from spec_core.config import Config
 from spec_core.errors import ConfigError, SpecflowError
-from spec_core.models.attention import resolve_backend
-from spec_core.models.draft_config import Eagle3Config, derive_eagle3_config
-from spec_core.models.eagle3 import Eagle3Draft
+from spec_core.models.algorithm import get_algorithm
 from spec_core.models.losses import TargetProjection
 from spec_core.models.target import TargetHead, load_target_head, read_target_config
 from spec_core.training.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
@@ -39,43 +37,27 @@ from spec_core.training.trainer import Trainer
 log = logging.getLogger("spec_core.training.worker")
 
 
-def draft_config_for(job: TrainJob, cfg: Config, vocab_size: Optional[int]) -> Eagle3Config:
+def draft_config_for(job: TrainJob, cfg: Config, vocab_size: Optional[int]) -> Any:
     """From the checkpoint when resuming (the weights' own geometry), else derived."""
+    algo = get_algorithm(cfg.draft.algorithm)
     if job.resume_from:
-        return Eagle3Config.load(resolve_checkpoint(job.resume_from) / "config.json")
+        return algo.load_config(resolve_checkpoint(job.resume_from) / "config.json")
     target_json = read_target_config(job.target_dir)
-    text = target_json.get("text_config") or target_json
-    return derive_eagle3_config(
-        target_json,
-        cfg.draft,
-        vocab_size or int(text["vocab_size"]),
-        target_name=cfg.target.path,
-    )
+    return algo.derive_config(target_json, cfg, vocab_size, Path(job.target_dir))
 
 
 def build_draft(
-    dcfg: Eagle3Config, cfg: Config, head: TargetHead, vocab_map: Any, device: torch.device
-) -> Eagle3Draft:
+    dcfg: Any, cfg: Config, head: TargetHead, vocab_map: Any, device: torch.device
+) -> torch.nn.Module:
     """Same seeded init on every rank, so FSDP2 can shard a replicated full model."""
-    model = Eagle3Draft(dcfg, resolve_backend(cfg.draft.attention_backend, device))
-    model.init_weights(torch.Generator().manual_seed(cfg.training.seed))
-    with torch.no_grad():
-        model.embed_tokens.weight.copy_(head.load_embedding())
-        if vocab_map is not None:
-            model.set_vocab_map(vocab_map.d2t, vocab_map.t2d)
-        if cfg.draft.init_from_target and dcfg.hidden_size == head.hidden_size:
-            rows = head.lm_head if vocab_map is None else head.lm_head[vocab_map.t2d]
-            model.lm_head.weight.copy_(rows)
-            if head.norm_weight is not None:
-                model.norm.weight.copy_(head.norm_weight)
-    return model.to(device)
+    return get_algorithm(cfg.draft.algorithm).build_model(dcfg, cfg, head, vocab_map, device)
 
 
-def sample_spec(dcfg: Eagle3Config, cfg: Config) -> SampleSpec:
+def sample_spec(dcfg: Any, cfg: Config) -> SampleSpec:
     return SampleSpec(
         aux_dim=dcfg.aux_dim,
         hidden_dim=dcfg.target_hidden_size,
-        with_last_hidden=True,
+        with_last_hidden=get_algorithm(cfg.draft.algorithm).needs_last_hidden(cfg.draft),
         dtype=getattr(torch, cfg.inference.dtype),
     )
 
@@ -88,13 +70,13 @@ def total_steps_for(cfg: Config, num_train: int, world_size: int) -> int:
     return t.num_epochs * math.ceil(num_train / global_batch)
 
 
-def _engine(job: TrainJob, cfg: Config, dcfg: Eagle3Config, info: DistInfo):
+def _engine(job: TrainJob, cfg: Config, dcfg: Any, info: DistInfo):
     from spec_core.engines.base import CaptureSpec
     from spec_core.engines.hf import HFEngine
 
     spec = CaptureSpec(
-        capture_indices=dcfg.capture_indices,
-        with_last_hidden=True,
+        capture_indices=tuple(dcfg.capture_indices),
+        with_last_hidden=get_algorithm(cfg.draft.algorithm).needs_last_hidden(cfg.draft),
         dtype=getattr(torch, cfg.inference.dtype),
     )
     return HFEngine(
@@ -107,7 +89,7 @@ def _engine(job: TrainJob, cfg: Config, dcfg: Eagle3Config, info: DistInfo):
 
 
 def build_sources(
-    job: TrainJob, cfg: Config, dcfg: Eagle3Config, info: DistInfo, spec: SampleSpec
+    job: TrainJob, cfg: Config, dcfg: Any, info: DistInfo, spec: SampleSpec
 ) -> tuple[SampleSource, Any, int]:
     """(train source, eval source factory or None, train split size)."""
     t = cfg.training
@@ -229,6 +211,7 @@ def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
         eval_source_factory=eval_factory,
         draft_config_file=draft_config_file,
         vocab_map_file=Path(job.vocab_map) if vocab_map is not None else None,
+        draft_config=dcfg,
     )
     dist.barrier()  # the draft config file exists before anyone copies it
     if job.resume_from:
