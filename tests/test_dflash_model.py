@@ -518,3 +518,22 @@ def test_flex_training_on_cpu_is_refused(tiny_target_dir):
     head_ = load_target_head(tiny_target_dir, cfg.target)
     with pytest.raises(ConfigError, match="flex"):
         algo.build_model(dcfg, cfg, head_, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "preset,algorithm,last_hidden,captures",
+    [
+        ("smollm2-chitchat-dflash", "dflash", False, (2, 9, 15, 21, 28)),
+        ("smollm2-chitchat-dspark", "dspark", True, (2, 9, 15, 21, 28)),
+        ("qwen3-8b-dflash", "dflash", False, (2, 10, 18, 26, 34)),
+        ("qwen3-8b-dspark", "dspark", True, (2, 10, 18, 26, 34)),
+    ],
+)
+def test_presets_select_model_loss_and_captures(preset, algorithm, last_hidden, captures):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{preset}.yaml")
+    assert cfg.draft.algorithm == algorithm and cfg.vocab.draft_vocab_size is None
+    layers = 36 if preset.startswith("qwen3") else 30
+    spec = capture_spec_for(cfg, layers)
+    assert spec.with_last_hidden is last_hidden and spec.capture_indices == captures
