@@ -360,6 +360,7 @@ def run_evaluation(
             {
                 "id": p.id,
                 "prompt_tokens": len(p.input_ids),
+                "prompt_ids": p.input_ids,
                 "new_tokens": len(spec.tokens),
                 "steps": len(spec.accepted),
                 "tau": 1.0 + sum(spec.accepted) / max(1, len(spec.accepted)),
@@ -392,6 +393,7 @@ class EvalSettings:
     max_new_tokens: int
     max_prompt_tokens: int
     ignore_eos: bool
+    stop_ids: list[int]
     target_revision: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -413,15 +415,16 @@ def evaluate_prompts(
     from spec_core.export import load_hf_draft
 
     target_dir = Path(target_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    stop_ids = set() if ev.ignore_eos else stop_token_ids(target_dir, tokenizer)
     settings = EvalSettings(
         ev.num_draft_tokens,
         ev.max_new_tokens,
         ev.max_prompt_tokens,
         ev.ignore_eos,
+        sorted(stop_ids),
         target_fingerprint(target_dir)[:16],
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
-    stop_ids = set() if ev.ignore_eos else stop_token_ids(target_dir, tokenizer)
     target = load_target(target_dir)
     draft = load_hf_draft(hf_dir, target_dir, embedding_key)
     log.info("evaluating %s on %d prompts", hf_dir, len(prompts))
