@@ -4,7 +4,9 @@ Both read the built-in chitchat JSONL (4,017 conversations) with the real SmolLM
 tokenizer load included (library imports are warmed up first and not timed). The pipeline does
 strictly more work (normalization, assistant-only masks, an eval split, Arrow files on disk) with
 ``num_proc=2``; the baseline only produces token ids, one conversation at a time. Truncation is off
-in both. The machine is shared, so the two alternate ROUNDS times and the best time of each counts.
+in both. The machine is shared, so the two alternate ROUNDS times and the best time of each counts;
+each round prints the load average, because the worker processes only speed things up when cores
+are free (with the kernel's autogroup scheduling, other sessions' load caps this run's CPU share).
 
     .venv/bin/python benchmarks/tokenize.py
 """
@@ -83,7 +85,11 @@ def main() -> int:
             n_pipe, t_pipe = pipeline(tokenizer_dir, cache, Path(tmp) / f"work{round_}")
             base_times.append(t_base)
             pipe_times.append(t_pipe)
-            print(f"round {round_}: plain loop {t_base:.2f}s, pipeline {t_pipe:.2f}s", flush=True)
+            print(
+                f"round {round_}: plain loop {t_base:.2f}s, pipeline {t_pipe:.2f}s "
+                f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)",
+                flush=True,
+            )
     base_rate, pipe_rate = n_base / min(base_times), n_pipe / min(pipe_times)
     print(
         f"plain apply_chat_template loop: {n_base} conversations, best {min(base_times):.2f}s = {base_rate:.0f}/s"

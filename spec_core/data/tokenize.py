@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class PrepareReport:
     eval_loss_tokens: int = 0
     truncated: int = 0  # kept samples cut at max_seq_length
     last_turn_only: int = 0  # kept samples supervised on their last turn only
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each build stage
 
     @property
     def total_tokens(self) -> int:
@@ -111,6 +113,7 @@ class PrepareReport:
             f"eval:  {self.eval_samples} samples, {self.eval_tokens} tokens, "
             f"{self.eval_loss_tokens} supervised",
             f"truncated: {self.truncated}, last-turn-only: {self.last_turn_only}",
+            "built in " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
         ]
 
 
@@ -226,6 +229,7 @@ def prepare_dataset(
 def _build(
     cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path, tmp: Path, key: str, progress: bool
 ) -> PrepareReport:
+    clock = _Stopwatch()
     loaded = load_conversations(
         data_path, cfg.messages_key, limit=cfg.max_conversations, progress=progress
     )
@@ -234,11 +238,13 @@ def _build(
     # Build one renderer here so template problems fail fast, before any worker starts.
     renderer = ConversationRenderer(load_tokenizer(tokenizer_dir), cfg.chat_template)
     table = _input_table(convs, loaded.locations, eval_set, cfg.last_turn_loss_only)
+    load_s = clock.lap()
     _INHERITED_RENDERER[key] = renderer
     try:
         mapped = _tokenize_table(table, cfg, tokenizer_dir, tmp / "scratch", key)
     finally:
         _INHERITED_RENDERER.pop(key, None)
+    tokenize_s = clock.lap()
     report = PrepareReport(str(data_path), renderer.template_name, loaded.report, len(convs))
     train_rows, eval_rows = _split_and_count(mapped, report)
     if not train_rows:
@@ -247,7 +253,18 @@ def _build(
         )
     mapped.select(train_rows).select_columns(TRAIN_COLUMNS).save_to_disk(str(tmp / "train"))
     mapped.select(eval_rows).select_columns(EVAL_COLUMNS).save_to_disk(str(tmp / "eval"))
+    report.seconds = {"load": load_s, "tokenize": tokenize_s, "save": clock.lap()}
     return report
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return round(elapsed, 3)
 
 
 def _input_table(
