@@ -113,7 +113,12 @@ class PrepareReport:
             f"eval:  {self.eval_samples} samples, {self.eval_tokens} tokens, "
             f"{self.eval_loss_tokens} supervised",
             f"truncated: {self.truncated}, last-turn-only: {self.last_turn_only}",
-            "built in " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
+            "built in "
+            + ", ".join(
+                f"{stage} {self.seconds[stage]:.1f}s"
+                for stage in ("load", "tokenize", "save")
+                if stage in self.seconds
+            ),
         ]
 
 
