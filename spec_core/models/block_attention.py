@@ -162,7 +162,7 @@ def flex_mask_mod(anchors: torch.Tensor, keep: torch.Tensor, context_len: int, b
 def _flex_kernel(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
 
 
 def flex_attend(

@@ -590,6 +590,7 @@ class DFlashDraft(nn.Module):
         if not bool(sel.any()):
             return self._untouched_loss(hidden), self._zero_metrics(hidden.device)
         labels = input_ids.gather(1, plan.label_pos.flatten(1)).view_as(plan.label_pos)
+        labels = labels.clamp(0, self.config.vocab_size - 1)  # engine pad ids past the vocab
         slots = torch.arange(self.config.num_predictions, device=sel.device).expand_as(sel)
         rows = BlockRows(
             x=pred[sel],
