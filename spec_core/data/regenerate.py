@@ -222,13 +222,12 @@ class _Job:
     hit_max_new_tokens: int = 0
     cut: bool = False  # ended before a turn that could not be regenerated
     skip: Optional[str] = None
-    gen_seconds: float = 0.0
 
     @property
     def finished(self) -> bool:
         return self.skip is not None or not self.pending
 
-    def record(self) -> dict[str, Any]:
+    def record(self, gen_seconds: float) -> dict[str, Any]:
         conv = None if self.skip else Conversation(self.original.id, self.messages).to_dict()
         return {
             "index": self.index,
@@ -241,7 +240,7 @@ class _Job:
                 "prompt_tokens": self.prompt_tokens,
                 "hit_max_new_tokens": self.hit_max_new_tokens,
                 "cut": self.cut,
-                "gen_seconds": round(self.gen_seconds, 4),
+                "gen_seconds": round(gen_seconds, 4),
             },
         }
 
@@ -433,6 +432,7 @@ def _run(
         todo = [j for j in jobs if not j.finished]
         if any(j.index not in appender.records for j in todo):
             generator = _make_generator(cfg, target_dir, renderer)
+            appender.start_clock()
             try:
                 _generate_all(todo, generator, planner, params, appender)
             finally:
@@ -507,11 +507,8 @@ def _drive(batch: list[_Job], generator: Generator, planner: _Planner, params: S
         if not live:
             return
         seed = derive_seed(params.seed, batch[0].original.id, round_)
-        t0 = time.perf_counter()
         completions = generator.generate([j.prompt for j in live], params, seed)
-        share = (time.perf_counter() - t0) / len(live)
         for job, completion in zip(live, completions, strict=True):
-            job.gen_seconds += share
             planner.apply(job, completion, params.max_new_tokens)
 
 
@@ -609,7 +606,11 @@ def _read_partial(path: Path) -> dict[int, dict[str, Any]]:
 
 
 class _Appender:
-    """Appends finished conversations to the partial file, durably, and reports progress."""
+    """Appends finished conversations to the partial file, durably, and reports progress.
+
+    Wall time since the previous write (or ``start_clock``) is shared among the records written,
+    so their sum is the generation time over every session, however many batches ran at once.
+    """
 
     def __init__(
         self,
@@ -623,6 +624,7 @@ class _Appender:
         self.total = total
         self.progress = progress
         self._fd = -1
+        self._clock = time.perf_counter()
 
     def __enter__(self) -> _Appender:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -632,10 +634,16 @@ class _Appender:
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)
 
+    def start_clock(self) -> None:
+        self._clock = time.perf_counter()
+
     def write(self, jobs: Sequence[_Job]) -> None:
-        new = [j.record() for j in jobs if j.index not in self.records]
-        if not new:
+        fresh = [j for j in jobs if j.index not in self.records]
+        if not fresh:
             return
+        now = time.perf_counter()
+        new = [j.record((now - self._clock) / len(fresh)) for j in fresh]
+        self._clock = now
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode()
         os.write(self._fd, data)
         os.fsync(self._fd)
