@@ -50,6 +50,7 @@ from tasks.data import (
     tokenize_dataset,
 )
 from tasks.processes import stop_all_owned
+from tasks.regenerate import regenerate_responses
 from tasks.report import GENERATION_PROGRESS_KEY, report_pipeline, summary_lines
 from tasks.services import start_services, stop_services
 
@@ -212,15 +213,15 @@ async def speculative_training(
     config = config_to_dict(cfg)
     with stage("target"):
         target_dir = resolve_target(config)
-    if cfg.dataset.regenerate.enabled:
+    cache_states = {}
+    if cfg.dataset.regenerate.enabled:  # on-policy data: the target's own replies
         with stage("regenerate"):
-            from tasks.regenerate import regenerate_responses
-
-            regen = regenerate_responses(config, target_dir)
+            regen, cache_states["regenerate"] = await cached(
+                regenerate_responses, config, target_dir, outputs=("output_path",)
+            )
             cfg.dataset.path = regen["output_path"]
             config = config_to_dict(cfg)
             save_config(cfg, paths.config_file)
-    cache_states = {}
     with stage("tokenize"):
         data, cache_states["tokenize"] = await cached(
             tokenize_dataset, config, target_dir, outputs=("train_path", "eval_path")

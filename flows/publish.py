@@ -13,6 +13,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 
 from spec_core.config import config_from_dict
+from tasks.publish import convert_to_hf, evaluate_acceptance, register_model
 
 
 @flow(name="publish", persist_result=True, result_serializer="json")
@@ -26,13 +27,6 @@ def publish(
 ) -> dict[str, Any]:
     """Convert, evaluate and register the draft; returns what each step returned (or None)."""
     logger = get_run_logger()
-    try:
-        from tasks.publish import convert_to_hf, evaluate_acceptance, register_model
-    except ModuleNotFoundError as exc:  # seam: the export/registry stage is optional
-        if exc.name != "tasks.publish":
-            raise
-        logger.warning("tasks/publish.py is not installed: skipping convert/evaluate/register")
-        return {"export": None, "evaluation": None, "registry": None}
     cfg = config_from_dict(config)
     export = convert_to_hf(config, checkpoint, run_dir, dataset_hash=dataset_hash)
     evaluation = None

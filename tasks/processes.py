@@ -98,7 +98,7 @@ class LogTail:
 
     def pump(self, final: bool = False) -> int:
         try:
-            with self.path.open("r", encoding="utf-8", errors="replace") as fh:
+            with self.path.open("r", encoding="utf-8", errors="replace", newline="") as fh:
                 fh.seek(self._offset)
                 text = fh.read()
                 self._offset = fh.tell()
