@@ -113,6 +113,25 @@ def test_round_trip_bit_identical_and_force_remove(services, cfg, mode):
         client.close()
 
 
+def test_zero_copy_stage_put_and_get_views(services, cfg):
+    client = services.addresses.connect_store(cfg)
+    try:
+        sizes = [1000, 4 * 37]
+        a, b = client.stage(sizes)
+        a.copy_(torch.arange(1000, dtype=torch.int64).to(torch.uint8))
+        want = torch.linspace(-1, 1, 37)
+        b.copy_(want.view(torch.uint8))
+        client.put_staged(["zc/a", "zc/b"], sizes)
+        got_a, got_b = client.get_staged(
+            [TensorMeta("zc/a", (1000,), "uint8"), TensorMeta("zc/b", (37,), "float32")]
+        )
+        assert torch.equal(got_b, want) and got_a[999] == 999 % 256
+        assert got_b.data_ptr() != want.data_ptr()  # a view of the client's buffer, not ours
+    finally:
+        client.remove(["zc/a", "zc/b"])
+        client.close()
+
+
 def test_every_read_is_size_checked(services, cfg):
     client = services.addresses.connect_store(cfg)
     try:
@@ -230,20 +249,30 @@ def test_stop_ends_every_process_it_started(cfg, tmp_path):
     assert (tmp_path / "mooncake-master.log").stat().st_size > 0  # logs captured
 
 
+def _children() -> list[tuple[int, str]]:
+    """Live (not zombie) child processes of this test process: (pid, command line)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            status = (p / "status").read_text()
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if int(fields.get("PPid", "0")) == os.getpid() and not fields.get("State", "").startswith(
+            "Z"
+        ):
+            out.append((int(p.name), cmd))
+    return out
+
+
 def test_failure_during_startup_stops_what_was_started(tmp_path):
     # A holder that cannot get its memory dies at startup; master + metadata must not leak.
     huge = TransferConfig(global_segment_mb=1 << 30, byte_budget_mb=64, connect_timeout_s=5.0)
-    before = {p.name for p in Path("/proc").iterdir() if p.name.isdigit()}
+    before = set(_children())
     with pytest.raises(ServiceError, match="holder"):
         start_services(huge, "doomed", tmp_path)
-    time.sleep(0.2)
-    leaked = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and p.name not in before:
-            try:
-                cmd = (p / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"mooncake" in cmd and b"zombie" not in (p / "status").read_bytes():
-                leaked.append(cmd)
+    leaked = [c for c in _children() if c not in before and "mooncake" in c[1]]
     assert not leaked

@@ -403,7 +403,8 @@ def _layout(sizes: list[int]) -> tuple[list[int], int]:
 class MooncakeClient:
     """Puts and gets whole samples through one registered staging buffer.
 
-    Thread-safe (one lock): the trainer's prefetch thread reads while its main thread deletes.
+    Thread-safe (one re-entrant ``lock``): the trainer's prefetch thread reads while its main
+    thread deletes.
     Every read is checked against the byte count the ``SampleRef`` promised, because Mooncake
     answers a too-small buffer with an error code or empty bytes rather than an exception.
     """
@@ -418,7 +419,7 @@ class MooncakeClient:
     ) -> None:
         self.cfg = cfg
         self.mode = self._pick_mode(holder, cfg)
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         timeout = cfg.connect_timeout_s
         if self.mode == "shm":
             assert holder is not None
@@ -469,19 +470,23 @@ class MooncakeClient:
             mode = "shm" if holder and _is_loopback(split_address(holder, "holder")[0]) else "tcp"
         return mode
 
-    def put(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        """Store tensors under keys; waits (bounded) while the store is full."""
-        keys = [k for k, _ in items]
-        sizes = [t.numel() * t.element_size() for _, t in items]
-        deadline = time.monotonic() + self.cfg.put_timeout_s
-        delay = 0.05
-        with self._lock:
+    def stage(self, sizes: list[int]) -> list[torch.Tensor]:
+        """Zero-copy put, step 1: uint8 views of the registered buffer to write samples into
+        (an engine can write its output there directly, as a GPU engine's DtoH copy would).
+        Views stay valid until the next call on this client; threads sharing a client hold
+        ``client.lock`` from ``stage`` to ``put_staged``."""
+        with self.lock:
             offsets, total = _layout(sizes)
             self._staging.ensure(total)
-            for (_, t), off, n in zip(items, offsets, sizes, strict=True):
-                self._staging.view[off : off + n].copy_(
-                    t.detach().contiguous().reshape(-1).view(torch.uint8)
-                )
+            return [self._staging.view[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+
+    def put_staged(self, keys: list[str], sizes: list[int]) -> None:
+        """Zero-copy put, step 2: store what ``stage(sizes)`` views hold, under ``keys``. Waits
+        (bounded by ``transfer.put_timeout_s``) while the store is full."""
+        deadline = time.monotonic() + self.cfg.put_timeout_s
+        delay = 0.05
+        with self.lock:
+            offsets, _ = _layout(sizes)
             ptrs = [self._staging.ptr + off for off in offsets]
             while True:
                 rcs = list(self.store.batch_put_from(keys, ptrs, sizes, self._put_config))
@@ -505,10 +510,20 @@ class MooncakeClient:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def get(self, metas: list[TensorMeta]) -> list[torch.Tensor]:
-        """Fetch tensors described by ``metas``; raises ``MissingDataError`` if any is gone."""
+    def put(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Store tensors under keys (one copy into the registered buffer, then a zero-copy put)."""
+        sizes = [t.numel() * t.element_size() for _, t in items]
+        with self.lock:
+            for view, (_, t) in zip(self.stage(sizes), items, strict=True):
+                view.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+            self.put_staged([k for k, _ in items], sizes)
+
+    def get_staged(self, metas: list[TensorMeta]) -> list[torch.Tensor]:
+        """Zero-copy get: typed views of the registered buffer, valid until the next call on
+        this client. Raises ``MissingDataError`` if an object is gone and ``ServiceError`` if its
+        size is not what the ref promised (Mooncake reports that only as a return code)."""
         sizes = [m.nbytes for m in metas]
-        with self._lock:
+        with self.lock:
             offsets, total = _layout(sizes)
             self._staging.ensure(total)
             ptrs = [self._staging.ptr + off for off in offsets]
@@ -522,16 +537,20 @@ class MooncakeClient:
                         f"Mooncake read of {m.key} returned {rc} "
                         f"({RC_NAMES.get(rc, 'size mismatch')}), expected {n} bytes"
                     )
-                t = torch.empty(m.shape, dtype=getattr(torch, m.dtype))
-                t.reshape(-1).view(torch.uint8).copy_(self._staging.view[off : off + n])
-                out.append(t)
+                raw = self._staging.view[off : off + n]
+                out.append(raw.view(getattr(torch, m.dtype)).reshape(m.shape))
             return out
+
+    def get(self, metas: list[TensorMeta]) -> list[torch.Tensor]:
+        """Fetch tensors described by ``metas`` into tensors the caller owns."""
+        with self.lock:
+            return [t.clone() for t in self.get_staged(metas)]
 
     def remove(self, keys: list[str]) -> int:
         """Force-delete (a recent read leaves a lease that blocks plain removal); missing is fine."""
         if not keys:
             return 0
-        with self._lock:
+        with self.lock:
             rcs = list(self.store.batch_remove(keys, True))
         failed = [(k, rc) for k, rc in zip(keys, rcs, strict=True) if rc not in (0, RC_NOT_FOUND)]
         if failed:
@@ -541,13 +560,13 @@ class MooncakeClient:
         return sum(1 for rc in rcs if rc == 0)
 
     def exists(self, key: str) -> bool:
-        with self._lock:
+        with self.lock:
             return self.store.is_exist(key) == 1
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            with self._lock:
+            with self.lock:
                 self.store.close()
 
 
