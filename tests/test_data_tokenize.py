@@ -390,3 +390,15 @@ def test_missing_or_broken_tokenizer_is_a_config_error(tmp_path, data_file, asse
     (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
     with pytest.raises(ConfigError, match="cannot load a tokenizer from"):
         prepare(make_cfg(data_file), broken, tmp_path / "work", asset_cache)
+
+
+def test_no_eval_conversations_gives_an_empty_loadable_eval_split(
+    tmp_path, data_file, tok_dir, asset_cache
+):
+    prepared = prepare(
+        make_cfg(data_file, eval_conversations=0), tok_dir, tmp_path / "w", asset_cache
+    )
+    evals = tk.load_tokenized(prepared.eval_path)
+    assert len(evals) == 0 and evals.column_names == tk.EVAL_COLUMNS
+    assert len(tk.load_tokenized(prepared.train_path)) == 20
+    assert tk.load_eval_conversations(prepared.eval_path) == []

@@ -256,10 +256,15 @@ def _build(
         raise DataError(
             f"no valid training samples remain in {data_path}: {report.data.one_line()}"
         )
-    mapped.select(train_rows).select_columns(TRAIN_COLUMNS).save_to_disk(str(tmp / "train"))
-    mapped.select(eval_rows).select_columns(EVAL_COLUMNS).save_to_disk(str(tmp / "eval"))
+    _save(mapped.select(train_rows).select_columns(TRAIN_COLUMNS), tmp / "train")
+    _save(mapped.select(eval_rows).select_columns(EVAL_COLUMNS), tmp / "eval")
     report.seconds = {"load": load_s, "tokenize": tokenize_s, "save": clock.lap()}
     return report
+
+
+def _save(split: Any, path: Path) -> None:
+    # datasets writes zero shards for an empty split and then cannot load it: force one
+    split.save_to_disk(str(path), num_shards=1 if len(split) == 0 else None)
 
 
 class _Stopwatch:
