@@ -21,7 +21,6 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Optional
-from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.deployments import arun_deployment
@@ -43,7 +42,6 @@ class Child:
     name: str
     future: asyncio.Future
     cancel: Callable[[], Awaitable[None]]
-    flow_run_id: Optional[UUID] = None
 
     def failure(self) -> Optional[BaseException]:
         if not self.future.done() or self.future.cancelled():
@@ -110,7 +108,7 @@ async def deployment_child(
         except asyncio.TimeoutError:
             future.cancel()
 
-    return Child(name, future, cancel, flow_run.id)
+    return Child(name, future, cancel)
 
 
 @dataclass

@@ -150,10 +150,12 @@ async def start_children(
         ]
         return producers, trainers
     # Deployments: children on other machines resolve the target from the config themselves.
-    o, run_id = cfg.orchestration, cfg.run.run_id
+    # Idempotency keys name this parent run: a retry of it finds its children instead of
+    # starting duplicates, a new run (even with the same run.run_id) starts its own.
+    o, parent = cfg.orchestration, idempotency_prefix()
     producers = [
         await deployment_child(
-            a["producer_id"], o.generation_deployment, a, f"{run_id}/{a['producer_id']}"
+            a["producer_id"], o.generation_deployment, a, f"{parent}/{a['producer_id']}"
         )
         for a in producer_args
     ]
@@ -162,11 +164,15 @@ async def start_children(
             f"trainer-node-{a['node_rank']}",
             o.training_deployment,
             a,
-            f"{run_id}/trainer-node-{a['node_rank']}",
+            f"{parent}/trainer-node-{a['node_rank']}",
         )
         for a in trainer_args
     ]
     return producers, trainers
+
+
+def idempotency_prefix() -> str:
+    return f"specflow/{get_run_context().flow_run.id}"
 
 
 async def run_publish(cfg: Config, config: dict[str, Any], **params: Any) -> dict[str, Any]:
@@ -178,7 +184,7 @@ async def run_publish(cfg: Config, config: dict[str, Any], **params: Any) -> dic
         cfg.orchestration.publish_deployment,
         parameters=dict(config=config, **params),
         flow_run_name="publish",
-        idempotency_key=f"{cfg.run.run_id}/publish",
+        idempotency_key=f"{idempotency_prefix()}/publish",
         as_subflow=True,
     )
     state = flow_run.state
