@@ -21,6 +21,7 @@ import logging
 import shutil
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,12 +54,16 @@ class VocabMap:
         ids = torch.as_tensor(ids, dtype=torch.int64)
         return ids + self.d2t.to(ids.device)[ids]
 
+    @cached_property
+    def _draft_of_target(self) -> torch.Tensor:
+        lookup = torch.full((self.target_vocab_size,), -1, dtype=torch.int64)
+        lookup[self.kept_ids] = torch.arange(self.draft_vocab_size, dtype=torch.int64)
+        return lookup
+
     def target_to_draft(self, ids: torch.Tensor) -> torch.Tensor:
         """Draft ids of target ids; -1 where a target id is not in the draft vocabulary."""
         ids = torch.as_tensor(ids, dtype=torch.int64)
-        lookup = torch.full((self.target_vocab_size,), -1, dtype=torch.int64)
-        lookup[self.kept_ids] = torch.arange(self.draft_vocab_size, dtype=torch.int64)
-        return lookup.to(ids.device)[ids]
+        return self._draft_of_target.to(ids.device)[ids]
 
 
 @dataclass
