@@ -416,7 +416,24 @@ def test_bad_settings_fail_with_one_line(tmp_path, target_dir):
         (("dataset.regenerate.max_new_tokens=600",), "max_new_tokens"),
         (("dataset.regenerate.top_p=0",), "top_p"),
         (("dataset.regenerate.batch_size=0",), "batch_size"),
+        (("dataset.regenerate.num_threads=-1",), "num_threads"),
     ):
         cfg = make_cfg(target_dir, data, *overrides)
         with pytest.raises(ConfigError, match=match):
             rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+
+
+def test_num_threads_applies_while_generating_only(tmp_path, target_dir):
+    data = write_dataset(tmp_path / "chats.jsonl", RECORDS[:2])
+    cfg = make_cfg(target_dir, data, "dataset.regenerate.num_threads=2")
+    seen = []
+    before = torch.get_num_threads()
+    rg.regenerate_dataset(
+        cfg,
+        data,
+        target_dir,
+        tmp_path / "work",
+        progress=lambda d, t: seen.append(torch.get_num_threads()),
+    )
+    assert seen[-1] == 2  # reported from inside the generation loop
+    assert torch.get_num_threads() == before
