@@ -1,0 +1,140 @@
+"""Capture-index translation between specflow and each engine: the one place that knows the ±1s.
+
+specflow's capture index k is HF ``output_hidden_states[k]``: k = 0 is the embedding output, k in
+1..N-1 is the residual stream entering decoder layer k (= the output of layer k-1). The engines:
+
+- vLLM: ``eagle_aux_hidden_state_layer_ids`` are capture indices verbatim (the model records the
+  stream "before layer idx", and idx = N, after the last layer, is the pre-norm final state). vLLM
+  sorts and de-duplicates the ids, so its captures arrive in ascending layer order. Measured on
+  SmolLM2 with vLLM's CPU build: id L matches HF ``output_hidden_states[L]`` to 3e-7 (fp32) while
+  L +- 1 is off by 5e-3 or more.
+- SGLang: the draft config's ``eagle_config.eagle_aux_hidden_state_layer_ids`` and
+  ``set_eagle3_layers_to_capture`` take *post-layer* ids (output of layer i) and add 1 internally,
+  so they are capture index - 1 and the embedding output (k = 0) has no id. Our SGLang producer
+  hooks module outputs instead: capture k is the output of ``layers.{k-1}`` (``embed_tokens`` for
+  k = 0).
+
+TorchSpec shipped a vLLM off-by-one here (its #87/#89); tests pin every function below against
+HF's own hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from spec_core.errors import ConfigError
+
+
+def check_capture_indices(capture: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Capture indices every engine can deliver: non-empty, ascending, each in [0, N-1]."""
+    indices = tuple(int(k) for k in capture)
+    if not indices:
+        raise ConfigError("'draft.capture_indices' is empty; list at least one layer to capture")
+    bad = [k for k in indices if not 0 <= k < num_layers]
+    if bad:
+        raise ConfigError(
+            f"'draft.capture_indices' {list(indices)} invalid for a target with {num_layers} "
+            f"layers: each index must be in [0, {num_layers - 1}] (0 = embeddings, k = input of "
+            "layer k)"
+        )
+    if list(indices) != sorted(set(indices)):
+        raise ConfigError(
+            f"'draft.capture_indices' {list(indices)} must be strictly increasing: vLLM and SGLang "
+            "deliver aux states in ascending layer order, so a draft trained on another order "
+            "would be mis-wired when served"
+        )
+    return indices
+
+
+def _ascending(capture: Sequence[int]) -> list[int]:
+    indices = [int(k) for k in capture]
+    if list(indices) != sorted(set(indices)):
+        raise ConfigError(
+            f"capture indices {indices} must be strictly increasing (engines deliver aux states "
+            "in ascending layer order)"
+        )
+    return indices
+
+
+def vllm_layer_ids(capture: Sequence[int]) -> list[int]:
+    """vLLM's ``eagle_aux_hidden_state_layer_ids`` (draft config and extraction): = capture."""
+    return _ascending(capture)
+
+
+def sglang_layer_ids(capture: Sequence[int]) -> list[int]:
+    """SGLang's post-layer ids (``eagle_config`` / ``set_eagle3_layers_to_capture``): capture - 1."""
+    indices = _ascending(capture)
+    bad = [k for k in indices if k < 1]
+    if bad:
+        raise ConfigError(
+            f"capture index {bad} (the embedding output) has no post-layer id in SGLang's "
+            "convention; train with 'draft.capture_indices' >= 1"
+        )
+    return [k - 1 for k in indices]
+
+
+def capture_indices_from_hf(config: dict[str, Any]) -> list[int]:
+    """Capture indices of an exported draft config: ours, else vLLM's top-level ids, else
+    SGLang's ``eagle_config`` ids + 1."""
+    ours = (config.get("specflow") or {}).get("capture_indices")
+    if ours:
+        return [int(k) for k in ours]
+    if config.get("eagle_aux_hidden_state_layer_ids"):
+        return [int(k) for k in config["eagle_aux_hidden_state_layer_ids"]]
+    eagle = config.get("eagle_config") or {}
+    if eagle.get("eagle_aux_hidden_state_layer_ids"):
+        return [int(k) + 1 for k in eagle["eagle_aux_hidden_state_layer_ids"]]
+    raise ConfigError("draft config has no aux-layer ids (specflow, top-level or eagle_config)")
+
+
+@dataclass(frozen=True)
+class VllmExtractPlan:
+    """What to ask vLLM's ``extract_hidden_states`` for, and where our tensors sit in its output.
+
+    vLLM returns ``[T, len(layer_ids), H]`` with slots in ``layer_ids`` order; ``aux_slots[j]`` is
+    the slot of our j-th capture index and ``last_slot`` the pre-norm final state (id N)."""
+
+    layer_ids: tuple[int, ...]
+    aux_slots: tuple[int, ...]
+    last_slot: Optional[int]
+
+
+def vllm_extract_plan(
+    capture: Sequence[int], num_layers: int, with_last_hidden: bool
+) -> VllmExtractPlan:
+    indices = check_capture_indices(capture, num_layers)
+    wanted = set(indices) | ({num_layers} if with_last_hidden else set())
+    layer_ids = tuple(sorted(wanted))  # what vLLM itself does with the list
+    return VllmExtractPlan(
+        layer_ids=layer_ids,
+        aux_slots=tuple(layer_ids.index(k) for k in indices),
+        last_slot=layer_ids.index(num_layers) if with_last_hidden else None,
+    )
+
+
+@dataclass(frozen=True)
+class HookTarget:
+    module: str  # a name in the SGLang model's ``named_modules()``
+    role: str  # "aux" (residual stream = sum of a (hidden, residual) output), "ids", "last"
+    slot: int = 0  # aux: position among the capture indices
+
+
+def sglang_hook_targets(
+    capture: Sequence[int], num_layers: int, with_last_hidden: bool, prefix: str = "model"
+) -> list[HookTarget]:
+    """Module outputs that carry our captures in an SGLang decoder model.
+
+    Capture k >= 1 is the output of ``{prefix}.layers.{k-1}`` (SGLang layers return
+    ``(hidden, residual)`` whose sum is the stream entering layer k); k = 0 is the output of
+    ``{prefix}.embed_tokens``, which is hooked anyway because its input is the batch's flat token
+    ids. The final norm's output is the post-norm last hidden state and closes each forward."""
+    indices = check_capture_indices(capture, num_layers)
+    targets = [HookTarget(f"{prefix}.embed_tokens", "ids")]
+    for slot, k in enumerate(indices):
+        module = f"{prefix}.embed_tokens" if k == 0 else f"{prefix}.layers.{k - 1}"
+        targets.append(HookTarget(module, "aux", slot))
+    # The norm always runs last and closes the forward, even when its output is not wanted.
+    targets.append(HookTarget(f"{prefix}.norm", "last" if with_last_hidden else "end"))
+    return targets
