@@ -92,7 +92,7 @@ class DraftConfig:
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
     last_hidden_prenorm: bool = False  # engine delivers pre-norm last hidden states
-    init_from_target: bool = True  # eagle3: start lm_head/final norm from the target's rows
+    init_from_target: bool = False  # eagle3: lm_head/final norm from the target (no gain measured)
 
 
 @dataclass
@@ -113,6 +113,8 @@ class InferenceConfig:
     tp_size: int = 1
     mem_fraction: float = 0.8
     extra_args: dict[str, Any] = field(default_factory=dict)
+    python: Optional[str] = None  # interpreter for producer processes (a vLLM/SGLang venv); None = ours
+    handoff_dir: Optional[str] = None  # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
 
 
 @dataclass
@@ -349,10 +351,42 @@ def _check_consistency(cfg: Config) -> None:
             f"'transfer.global_segment_mb' ({cfg.transfer.global_segment_mb}): Mooncake evicts "
             "silently near 90% full"
         )
+    _check_inference(cfg)
     if cfg.dataset.regenerate.enabled and cfg.dataset.regenerate.engine == "openai":
         if not cfg.dataset.regenerate.endpoint:
             raise ConfigError(
                 "'dataset.regenerate.endpoint' is required when 'dataset.regenerate.engine' is openai"
+            )
+
+
+def _check_inference(cfg: Config) -> None:
+    """Engine settings (``inference.engine``: hf | sglang | vllm) that could only fail later."""
+    inf, d = cfg.inference, cfg.draft
+    if inf.tp_size < 1:
+        raise ConfigError(f"'inference.tp_size' must be >= 1, got {inf.tp_size}")
+    if not 0 < inf.mem_fraction <= 1:
+        raise ConfigError(f"'inference.mem_fraction' must be in (0, 1], got {inf.mem_fraction}")
+    if inf.engine == "hf" and (inf.tp_size != 1 or inf.extra_args):
+        raise ConfigError(
+            "'inference.tp_size' and 'inference.extra_args' apply to sglang/vllm; the hf engine "
+            "runs on one device (set inference.engine or drop them)"
+        )
+    if inf.engine == "sglang" and inf.device == "cpu":
+        raise ConfigError(
+            "inference.engine sglang runs on CUDA GPUs only; use device auto/cuda, or engine vllm "
+            "(vLLM's CPU build) or hf on CPU"
+        )
+    if inf.engine == "vllm" and d.last_hidden_prenorm:
+        raise ConfigError(
+            "'draft.last_hidden_prenorm' must be false with inference.engine vllm: the vLLM "
+            "producer applies the target's final norm, so the wire carries post-norm states"
+        )
+    if d.capture_indices:
+        indices = [int(k) for k in d.capture_indices]
+        if indices != sorted(set(indices)):
+            raise ConfigError(
+                f"'draft.capture_indices' {indices} must be strictly increasing: vLLM and SGLang "
+                "deliver aux states in ascending layer order"
             )
 
 

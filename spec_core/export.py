@@ -25,12 +25,15 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from spec_core.engines import conventions
 from spec_core.errors import ConfigError, SpecflowError
 from spec_core.models.draft_config import ARCHITECTURE, Eagle3Config, rope_settings, text_config
 
@@ -103,31 +106,29 @@ class ExportResult:
 
 def vllm_layer_ids(capture_indices: list[int] | tuple[int, ...]) -> list[int]:
     """vLLM reads ``eagle_aux_hidden_state_layer_ids`` as capture indices (the input of layer k)."""
-    return [int(k) for k in capture_indices]
+    with _as_export_error():
+        return conventions.vllm_layer_ids(capture_indices)
 
 
 def sglang_layer_ids(capture_indices: list[int] | tuple[int, ...]) -> list[int]:
     """SGLang's ``eagle_config`` ids are post-layer (output of layer k): capture index - 1."""
-    bad = [int(k) for k in capture_indices if int(k) < 1]
-    if bad:
-        raise ExportError(
-            f"capture index {bad} (the embedding output) has no post-layer id in SGLang's "
-            "convention; train with 'draft.capture_indices' >= 1"
-        )
-    return [int(k) - 1 for k in capture_indices]
+    with _as_export_error():
+        return conventions.sglang_layer_ids(capture_indices)
 
 
 def capture_indices_from_hf(config: dict[str, Any]) -> list[int]:
     """Capture indices of an exported config: ours, else vLLM's top-level ids, else SGLang's + 1."""
-    ours = (config.get("specflow") or {}).get("capture_indices")
-    if ours:
-        return [int(k) for k in ours]
-    if config.get("eagle_aux_hidden_state_layer_ids"):
-        return [int(k) for k in config["eagle_aux_hidden_state_layer_ids"]]
-    eagle = config.get("eagle_config") or {}
-    if eagle.get("eagle_aux_hidden_state_layer_ids"):
-        return [int(k) + 1 for k in eagle["eagle_aux_hidden_state_layer_ids"]]
-    raise ExportError("draft config has no aux-layer ids (specflow, top-level or eagle_config)")
+    with _as_export_error():
+        return conventions.capture_indices_from_hf(config)
+
+
+@contextmanager
+def _as_export_error() -> Iterator[None]:
+    """The translations live in ``spec_core.engines.conventions`` (shared with the producers)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- reading

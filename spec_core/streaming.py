@@ -64,7 +64,13 @@ def start_producers(
         procs.append(
             spawn(
                 f"producer-{i}",
-                [sys.executable, "-m", "spec_core.engines.producer", "--job", str(path)],
+                [
+                    cfg.inference.python or sys.executable,  # a vLLM/SGLang venv's interpreter
+                    "-m",
+                    "spec_core.engines.producer",
+                    "--job",
+                    str(path),
+                ],
                 work_dir,
             )
         )

@@ -177,22 +177,13 @@ def attempt_keys(run: str, claim: Claim) -> list[str]:
 
 
 def build_engine(cfg: Config, target_dir: Path) -> HiddenStateEngine:
-    if cfg.inference.engine != "hf":
-        raise ConfigError(
-            f"'inference.engine' {cfg.inference.engine} is not available in this build; use hf"
-        )
+    """The engine ``inference.engine`` names (hf | vllm | sglang), see ``spec_core.engines``."""
     from transformers import AutoConfig
 
-    from spec_core.engines.hf import HFEngine
+    from spec_core.engines import build_engine as build
 
     num_layers = int(AutoConfig.from_pretrained(str(target_dir)).num_hidden_layers)
-    return HFEngine(
-        target_dir,
-        capture_spec_for(cfg, num_layers),
-        device=cfg.inference.device,
-        batch_size=cfg.inference.batch_size,
-        model_dtype=DTYPES[cfg.target.dtype],
-    )
+    return build(cfg, target_dir, capture_spec_for(cfg, num_layers))
 
 
 def run_producer(
@@ -278,6 +269,8 @@ def run_producer(
 
 
 def _vocab_size(engine: HiddenStateEngine) -> Optional[int]:
+    if getattr(engine, "vocab_size", None) is not None:  # engines that hold no HF model
+        return int(engine.vocab_size)  # type: ignore[attr-defined]
     model = getattr(engine, "model", None)
     return int(model.config.vocab_size) if model is not None else None
 
