@@ -40,6 +40,7 @@ from spec_core.config import Config, config_to_dict, load_config, save_config
 from spec_core.errors import SpecflowError
 from spec_core.metrics import pipeline_perf
 from spec_core.paths import RunPaths
+from spec_core.training.worker import total_steps_for
 from spec_core.transfer.mooncake import free_port
 from spec_core.transfer.services import ServiceAddresses
 from tasks.data import (
@@ -94,6 +95,14 @@ async def name_this_run(run_id: str) -> None:
     """Show the specflow run id as the flow run's name in the UI."""
     async with get_client() as client:
         await client.update_flow_run(get_run_context().flow_run.id, name=run_id)
+
+
+def samples_to_train(cfg: Config, num_train: int) -> int:
+    """Samples the configured steps consume (a num_steps run may stop before the data ends)."""
+    t = cfg.training
+    world = t.nproc_per_node * t.nnodes
+    batch = t.micro_batch_size * t.accumulation_steps * world
+    return total_steps_for(cfg, num_train, world) * batch
 
 
 def rendezvous(cfg: Config) -> Optional[str]:
@@ -245,17 +254,17 @@ async def speculative_training(
     try:
         queue = ServiceAddresses.from_dict(services).connect_queue(cfg.transfer.connect_timeout_s)
         plan = queue.plan(cfg.transfer.connect_timeout_s)
+        needed = min(plan.num_samples * plan.num_epochs, samples_to_train(cfg, num_train))
         progress = await acreate_progress_artifact(
             progress=0.0,
             key=GENERATION_PROGRESS_KEY,
-            description=f"samples generated of {plan.num_samples * plan.num_epochs} planned",
+            description=f"samples generated of the {needed} training needs",
         )
 
         async def update_progress() -> None:
             done = queue.produced()
-            planned = max(plan.num_samples * plan.num_epochs, 1)
             await aupdate_progress_artifact(
-                artifact_id=progress, progress=min(100.0, 100.0 * done / planned)
+                artifact_id=progress, progress=min(100.0, 100.0 * done / max(needed, 1))
             )
 
         with stage("generate+train"):

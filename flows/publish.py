@@ -16,7 +16,7 @@ from spec_core.config import config_from_dict
 from tasks.publish import convert_to_hf, evaluate_acceptance, register_model
 
 
-@flow(name="publish", persist_result=True, result_serializer="json")
+@flow(name="publish", flow_run_name="publish", persist_result=True, result_serializer="json")
 def publish(
     config: dict[str, Any],
     run_dir: str,

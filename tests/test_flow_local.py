@@ -225,3 +225,46 @@ def test_changed_max_seq_length_reruns_data_tasks_and_service_start_is_retried(
     assert runs["build-vocab-map"].state_name == "Completed"
     assert runs["start-services"].run_count == 3  # two retries with backoff, then failed
     assert runs["start-services"].state_name == "Failed"
+
+
+def test_producer_task_retries_service_trouble_but_not_bad_data(
+    failed_trainer_run, root: Path, config_path: Path
+):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
+    from flows.pipeline import resolve
+    from spec_core.config import config_to_dict
+    from tasks.generate import generate_hidden_states
+
+    config = config_to_dict(resolve(str(config_path), ["transfer.connect_timeout_s=0.5"], None))
+    nowhere = {
+        "run_id": "nowhere",
+        "master": "127.0.0.1:9",
+        "metadata_url": "http://127.0.0.1:9/metadata",
+        "queue": "127.0.0.1:9",
+        "byte_budget": 1 << 20,
+    }
+    train = next((root / "out" / "work" / "tokenized").glob("*/train"))
+    task = generate_hidden_states.with_options(retry_delay_seconds=0)
+
+    def run(train_path: str):
+        # A task called outside a flow: its logs stay local (no flow run to attach them to).
+        with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+            state = asyncio.run(
+                task(config, nowhere, train_path, "producer-x", str(root / "p"), return_state=True)
+            )
+
+        async def run_count() -> int:
+            async with get_client() as client:
+                return (await client.read_task_run(state.state_details.task_run_id)).run_count
+
+        return state, asyncio.run(run_count())
+
+    state, attempts = run(str(train))
+    assert state.is_failed() and attempts == 2  # exit 3 (ServiceError): retried once
+    assert "key-queue TCPStore at 127.0.0.1:9 is not reachable" in state.message
+    state, attempts = run(str(root / "no-such-data"))
+    assert state.is_failed() and attempts == 1  # exit 2 (bad data): not retried
+    assert "not a prepared dataset" in state.message
+    assert wait_no_processes(root) == []
