@@ -35,6 +35,7 @@ DTYPES = {
     "uint8": torch.uint8,
 }
 _PREFIX = "specflow-handoff-"
+_ALIGN = 64
 
 
 def default_root() -> Path:
@@ -75,6 +76,9 @@ def write_bundle(directory: str | Path, name: str, tensors: dict[str, torch.Tens
             dtype = str(cpu.dtype).removeprefix("torch.")
             if dtype not in DTYPES:
                 raise ValueError(f"handoff cannot carry dtype {cpu.dtype} ({key})")
+            pad = -offset % _ALIGN  # aligned offsets let the reader view bytes as any dtype
+            fh.write(b"\0" * pad)
+            offset += pad
             raw = cpu.reshape(-1).view(torch.uint8).numpy()
             fh.write(raw.data)
             header[key] = {"dtype": dtype, "shape": list(cpu.shape), "offset": offset}

