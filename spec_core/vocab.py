@@ -340,6 +340,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress=not args.quiet,
     )
     report = json.loads(result.coverage_path.read_text())
+    if cfg.vocab.draft_vocab_size is None:
+        print("vocab.draft_vocab_size is null: the map keeps the full target vocabulary")
     print(f"vocab map: {result.vocab_map_path}{' (cached)' if result.cached else ''}")
     print(f"coverage report: {result.coverage_path}")
     print(

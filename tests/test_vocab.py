@@ -164,7 +164,9 @@ def test_cli_builds_map_from_real_chitchat(tmp_path, asset_cache, capsys):
     assert vb.main(args) == 0
     out = capsys.readouterr().out
     assert "draft vocab 512 of 49152" in out
-    map_path = Path(out.splitlines()[0].split(": ", 1)[1])
+    map_path = Path(
+        next(x for x in out.splitlines() if x.startswith("vocab map:")).split(": ", 1)[1]
+    )
     vm = vb.load_vocab_map(map_path)
     check_invariants(vm, 512, 49152)
     # the kept ids are the most frequent supervised ids of the real tokenized data
