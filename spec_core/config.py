@@ -179,7 +179,7 @@ class EvaluationConfig:
     num_draft_tokens: int = 3
     max_prompt_tokens: int = 512
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
-    num_threads: int = 0  # torch CPU threads while decoding; 0 = torch's default
+    num_threads: int = 1  # torch threads while decoding (0 = default); 1: batch-1 decode is latency-bound
 
 
 @dataclass

@@ -300,12 +300,14 @@ def publish_run(
     for path in [config_file, metrics_file, *extra_artifacts]:
         if path is not None and Path(path).is_file():
             client.log_artifact(mlflow_run, str(path), "run")
-    client.log_text(
-        mlflow_run, json.dumps(evaluation, indent=2, sort_keys=True), "eval/acceptance.json"
-    )
-    for key in ("plot_path",):
-        if evaluation.get(key) and Path(evaluation[key]).is_file():
-            client.log_artifact(mlflow_run, evaluation[key], "eval")
+    result_file = evaluation.get("result_path")
+    if result_file and Path(result_file).is_file():  # the full JSON, per-prompt records included
+        client.log_artifact(mlflow_run, result_file, "eval")
+    else:
+        text = json.dumps(evaluation, indent=2, sort_keys=True)
+        client.log_text(mlflow_run, text, "eval/acceptance.json")
+    if evaluation.get("plot_path") and Path(evaluation["plot_path"]).is_file():
+        client.log_artifact(mlflow_run, evaluation["plot_path"], "eval")
 
     tags = version_tags(cfg, hf_dir, evaluation, run_id)
     client.set_tag(mlflow_run, "tau", tags["tau"])
