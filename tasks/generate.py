@@ -71,7 +71,8 @@ async def generate_hidden_states(
         stats_out=str(stats_path),
     )
     job_path = job.save(out / f"{producer_id}.job.json")
-    argv = [sys.executable, "-m", "spec_core.engines.producer", "--job", str(job_path)]
+    python = cfg.inference.python or sys.executable  # a vLLM/SGLang venv's interpreter
+    argv = [python, "-m", "spec_core.engines.producer", "--job", str(job_path)]
     proc = spawn(producer_id, argv, out / "logs")
     owner = flow_run_id()
     OWNED.add(owner, proc)
