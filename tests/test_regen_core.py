@@ -437,3 +437,25 @@ def test_num_threads_applies_while_generating_only(tmp_path, target_dir):
     )
     assert seen[-1] == 2  # reported from inside the generation loop
     assert torch.get_num_threads() == before
+
+
+def test_turns_last_cuts_back_to_the_last_turn_that_fits(target_dir, renderer):
+    exchanges = [
+        m
+        for k in range(8)
+        for m in (Message("user", f"question {k} " + "word " * 10), Message("assistant", f"a{k}"))
+    ]
+    conv = Conversation("long", exchanges)
+    cfg = make_cfg(target_dir, Path("unused"))
+    probe = rg._Planner(renderer, cfg.dataset.regenerate, 512)
+    lengths = [len(probe.prompt_ids(exchanges[: 2 * k + 2])) for k in range(8)]
+    # room for the prompts of the first three replies only
+    max_len = lengths[2] + 12 + rg.TAIL_TOKENS
+    planner = rg._Planner(renderer, cfg.dataset.regenerate, max_len)
+    job = planner.job(0, conv)
+    assert job.cut and job.skip is None
+    assert job.messages == exchanges[:6] and job.pending == [5]
+    assert len(job.prompt) == lengths[2]
+    # nothing fits: skipped with the reason counted
+    tiny = rg._Planner(renderer, cfg.dataset.regenerate, lengths[0] + 12)
+    assert tiny.job(0, conv).skip == rg.PROMPT_TOO_LONG

@@ -279,7 +279,25 @@ class _Planner:
             if len(prompt) <= self.budget:
                 job.prompt = prompt
                 return
+            if self.turns == "last":
+                target = self._last_fitting(job.messages, target)
             self.cut(job, target, PROMPT_TOO_LONG)
+
+    def _last_fitting(self, messages: list[Message], target: int) -> int:
+        """Where to cut a too-long conversation for turns=last: just after the last assistant turn
+        before ``target`` whose prompt fits (binary search: prompts grow with the turn index, and
+        long chats have hundreds of turns)."""
+        candidates = [
+            i for i, m in enumerate(messages[:target]) if m.role == "assistant" and not m.tool_calls
+        ]
+        lo, hi = 0, len(candidates)  # candidates[:lo] fit, candidates[hi:] do not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.prompt_ids(messages[: candidates[mid] + 1])) <= self.budget:
+                lo = mid + 1
+            else:
+                hi = mid
+        return candidates[lo] if lo < len(candidates) else target
 
     def cut(self, job: _Job, target: int, reason: str) -> None:
         """End the conversation at the last assistant turn before ``target`` (a dangling user turn
@@ -314,7 +332,7 @@ class _Planner:
             prefix = text[: spans[-1].content_start]
             return list(self.renderer.tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
-    def apply(self, job: _Job, completion: Completion, max_new_tokens: int) -> None:
+    def apply(self, job: _Job, completion: Completion) -> None:
         target = job.pending[0]
         job.generated_tokens += completion.num_tokens
         job.prompt_tokens += len(job.prompt)
@@ -360,9 +378,9 @@ def _stop_tokens(renderer: ConversationRenderer, target_dir: Path) -> list[int]:
         )
     for name in ("generation_config.json", "config.json"):
         path = Path(target_dir) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        if eos is not None:
+            stops.update(eos if isinstance(eos, list) else [eos])
             break
     return sorted(int(s) for s in stops)
 
@@ -510,7 +528,7 @@ def _drive(batch: list[_Job], generator: Generator, planner: _Planner, params: S
         seed = derive_seed(params.seed, batch[0].original.id, round_)
         completions = generator.generate([j.prompt for j in live], params, seed)
         for job, completion in zip(live, completions, strict=True):
-            planner.apply(job, completion, params.max_new_tokens)
+            planner.apply(job, completion)
 
 
 def _make_generator(cfg: Config, target_dir: Path, renderer: ConversationRenderer) -> Generator:
