@@ -407,6 +407,12 @@ def test_second_call_is_a_cache_hit_that_generates_nothing(tmp_path, target_dir,
     assert again.output_path.read_bytes() == content
     assert seen[-1] == (len(RECORDS), len(RECORDS))
     assert rg.RegenResult.from_dict(again.to_dict()) == again
+    # what tokenization reads next: the regenerated file, in OpenAI messages format
+    ds = again.dataset_config(
+        make_cfg(target_dir, data, "dataset.messages_key=conversations").dataset
+    )
+    assert (ds.path, ds.messages_key) == (str(again.output_path), "messages")
+    assert len(load_conversations(Path(ds.path), ds.messages_key).conversations) == len(RECORDS)
 
 
 def test_bad_settings_fail_with_one_line(tmp_path, target_dir):
@@ -459,3 +465,24 @@ def test_turns_last_cuts_back_to_the_last_turn_that_fits(target_dir, renderer):
     # nothing fits: skipped with the reason counted
     tiny = rg._Planner(renderer, cfg.dataset.regenerate, lengths[0] + 12)
     assert tiny.job(0, conv).skip == rg.PROMPT_TOO_LONG
+
+
+@pytest.mark.gpu
+def test_generator_on_cuda_matches_transformers_generate(target_dir, renderer):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    tok = renderer.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("hi", "a longer prompt than the first one", "ok")]
+    gen = HFGenerator(target_dir, tok, [2], batch_size=3, device="cuda")
+    outs = gen.generate(prompts, SamplingParams(max_new_tokens=10), 0)
+    for prompt, out in zip(prompts, outs, strict=True):
+        with torch.inference_mode():
+            ref = gen.model.generate(
+                input_ids=torch.tensor([prompt], device="cuda"),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=2,
+                pad_token_id=2,
+            )[0, len(prompt) :].tolist()
+        body = ref[:-1] if ref[-1] == 2 else ref
+        assert out.text == tok.decode(body, skip_special_tokens=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from spec_core.config import Config, RegenerateConfig
+from spec_core.config import Config, DatasetConfig, RegenerateConfig
 from spec_core.data.conversation import Conversation, Message
 from spec_core.data.generators import (
     STOP,
@@ -101,6 +102,10 @@ class RegenResult:
             "cached": self.cached,
             "manifest": self.manifest,
         }
+
+    def dataset_config(self, ds: DatasetConfig) -> DatasetConfig:
+        """``ds`` pointed at the regenerated data (written in OpenAI ``messages`` format)."""
+        return dataclasses.replace(ds, path=str(self.output_path), messages_key="messages")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RegenResult:
