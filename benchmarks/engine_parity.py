@@ -67,7 +67,9 @@ def load_prompts(cfg, num_samples: int):
             turns = record.get("conversations") or record.get("messages") or []
             messages = [
                 {
-                    "role": "user" if t.get("from", t.get("role")) in ("human", "user") else "assistant",
+                    "role": "user"
+                    if t.get("from", t.get("role")) in ("human", "user")
+                    else "assistant",
                     "content": t.get("value", t.get("content", "")),
                 }
                 for t in turns
@@ -133,7 +135,7 @@ def main() -> int:
     parser.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "hf"])
     parser.add_argument("--config", default="configs/smollm2-chitchat.yaml")
     parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
-    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--mem-fraction", type=float, default=None)

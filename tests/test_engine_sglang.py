@@ -311,18 +311,36 @@ def test_missing_sglang_is_one_clear_error(tiny_target_dir, tmp_path):
 
 @pytest.mark.gpu
 def test_real_sglang_matches_hf_on_gpu(smollm2_dir, tmp_path):
-    """On a CUDA machine with SGLang installed: the real engine against the HF reference."""
+    """On a CUDA machine with SGLang installed: the real engine (bf16) against HF fp32; every
+    column must be closest to its own HF index (no off-by-one) and within bf16 tolerance."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("sglang", reason="install sglang>=0.5.9 (deployments/gpu_engines.md)")
-    spec = CaptureSpec((2, 15, 27), with_last_hidden=True)
+    capture, hidden = (2, 15, 27), 576
+    neighbours = sorted({kk for k in capture for kk in (k - 1, k, k + 1)})
     samples = _samples(8, seed=5, lo=16, hi=200)
-    with HFEngine(smollm2_dir, spec, device="cuda") as hf:
-        expected = hf.capture(samples)
+    with HFEngine(smollm2_dir, CaptureSpec(tuple(neighbours), True), device="cuda") as hf:
+        reference = hf.capture(samples)
     with SGLangEngine(
-        smollm2_dir, spec, model_dtype="float32", mem_fraction=0.3, handoff_root=str(tmp_path)
+        smollm2_dir,
+        CaptureSpec(capture, True),
+        model_dtype="bfloat16",
+        mem_fraction=0.3,
+        handoff_root=str(tmp_path),
     ) as eng:
         got = eng.capture(samples)
-    for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g.aux_hidden, e.aux_hidden, rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(g.last_hidden, e.last_hidden, rtol=1e-3, atol=1e-3)
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    for g, r in zip(got, reference, strict=True):
+        assert torch.equal(g.input_ids, r.input_ids)
+        for j, k in enumerate(capture):
+            col = g.aux_hidden[:, j * hidden : (j + 1) * hidden]
+            errors = {
+                kk: rel(col, r.aux_hidden[:, i * hidden : (i + 1) * hidden])
+                for i, kk in enumerate(neighbours)
+                if abs(kk - k) <= 1
+            }
+            assert min(errors, key=errors.get) == k and errors[k] < 3e-2, errors
+        assert rel(g.last_hidden, r.last_hidden) < 3e-2
