@@ -289,7 +289,7 @@ def test_batched_left_padded_generation_equals_one_by_one(target_dir, renderer):
 
 
 def test_sampling_is_seeded(tmp_path, target_dir):
-    data = write_dataset(tmp_path / "chats.jsonl")
+    data = write_dataset(tmp_path / "chats.jsonl", RECORDS[:2])
     sampled = ("dataset.regenerate.temperature=1.0", "dataset.regenerate.top_p=0.9")
 
     def run(work: str, seed: int) -> bytes:

@@ -29,12 +29,12 @@ CHATS = [
             {"from": "gpt", "value": "fine"},
         ],
     }
-    for i in range(60)
+    for i in range(36)
 ]
 SETTINGS = (
     "dataset.regenerate.turns=all",
     "dataset.regenerate.batch_size=2",
-    "dataset.regenerate.max_new_tokens=16",
+    "dataset.regenerate.max_new_tokens=12",
 )
 
 
@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path, target_dir):
     )
     try:
         deadline = time.monotonic() + 240
-        while lines(entry / rg.PARTIAL) < 6 and proc.poll() is None:
+        while lines(entry / rg.PARTIAL) < 4 and proc.poll() is None:
             assert time.monotonic() < deadline, "the regeneration never got going"
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
@@ -93,11 +93,11 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path, target_dir):
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
     done = lines(entry / rg.PARTIAL)
-    assert 6 <= done < len(CHATS), "killed too late to test a resume"
+    assert 4 <= done < len(CHATS), "killed too late to test a resume"
     assert not (entry / rg.MANIFEST).exists()
     # A kill in the middle of a write leaves a torn line: it must be cut off, not trusted.
     with (entry / rg.PARTIAL).open("ab") as fh:
-        fh.write(b'{"index": 59, "id": "chat-059", "conversation": {"id": "chat-0')
+        fh.write(b'{"index": 35, "id": "chat-035", "conversation": {"id": "chat-0')
 
     resumed = subprocess.run(
         cli(target_dir, data, out_dir) + ["--json"],
