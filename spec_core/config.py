@@ -40,7 +40,7 @@ class RegenerateConfig:
     request_timeout_s: float = 120.0
     max_retries: int = 3
     max_turns: Optional[int] = None  # keep the first N messages (after any system) before regenerating
-    num_threads: int = 0  # hf engine: torch CPU threads while generating; 0 = torch's default
+    num_threads: int = 1  # hf engine: torch threads while generating (0 = torch default); 1 beat 2 here
 
 
 @dataclass
