@@ -87,8 +87,12 @@ def batched(gen: object, prompts: list[list[int]], batch_size: int) -> tuple[int
 
 
 def main() -> int:
+    from spec_core.config import RegenerateConfig
     from spec_core.data.generators import HFGenerator, SamplingParams
 
+    threads = RegenerateConfig().num_threads  # the product default, for both sides
+    if threads > 0:
+        torch.set_num_threads(threads)
     prompts, target, tok = prompts_and_model()
     gen = HFGenerator(target, tok, [2], batch_size=max(BATCH_SIZES))
     print(
