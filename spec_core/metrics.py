@@ -16,7 +16,9 @@ JSONL (one ``split: train`` record per optimizer step with ``samples``, ``data_w
 
 The first step also waits for the pipeline to fill (producers loading the target, first batch
 through the engine): that wait is reported as ``fill_s`` and, when there are at least two steps,
-the step is left out of T and thru, which describe the steady state.
+the step is left out of T and thru, which describe the steady state. Samples produced while the
+trainer was still starting are a backlog it drains in the window, so when inference is the
+bottleneck thru can exceed I by backlog / window (a few percent on short runs).
 """
 
 from __future__ import annotations
