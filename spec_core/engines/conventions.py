@@ -117,7 +117,7 @@ def vllm_extract_plan(
 @dataclass(frozen=True)
 class HookTarget:
     module: str  # a name in the SGLang model's ``named_modules()``
-    role: str  # "aux" (residual stream = sum of a (hidden, residual) output), "ids", "last"
+    role: str  # "ids" (input = token ids), "aux" (output = stream), "last"/"end" (closes a forward)
     slot: int = 0  # aux: position among the capture indices
 
 

@@ -9,8 +9,8 @@ off (a prefix hit would skip the forward that writes the states).
 
 Who does what:
 - scheduler side (``CaptureBook``): tracks each request's prompt and its blocks in the hidden-state
-  KV group; in the step that completes a request's prefill -- the only step with chunked prefill,
-  or the last of several chunks -- it tells the worker to save it.
+  KV group; in the step that completes a request's prefill (its only step, or the last of several
+  when vLLM chunks the prefill) it tells the worker to save it.
 - worker side (``gather_slots``): after the step's forward (vLLM calls the connector's
   ``wait_for_save`` once the cache-only layer has written), rank 0 gathers the request's slots and
   writes one tmpfs bundle (``handoff.py``) before the step's output is returned, so the bundle
