@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spec_core.models.attention import ttt_attention_eager, ttt_attention_flex
+from spec_core.models.attention import (
+    ttt_attention_explicit,
+    ttt_attention_flex,
+    ttt_attention_sdpa,
+)
 from spec_core.models.draft_config import Eagle3Config
 from spec_core.models.eagle3 import Eagle3Draft
 from spec_core.models.losses import (
@@ -238,11 +242,22 @@ def _packed_inputs(seed: int, steps: int):
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_flex_and_eager_ttt_attention_agree_forward(steps: int):
+def test_ttt_attention_paths_agree(steps: int):
+    """flex (forward only on CPU), fused-SDPA and explicit scores: same outputs; the fused path's
+    custom backward equals autograd through the explicit one."""
     q, k0, v0, dk, dv, q_pos, q_batch, segments = _packed_inputs(steps, steps)
-    eager = ttt_attention_eager(q, k0, v0, dk, dv, q_pos, segments)
+    explicit = ttt_attention_explicit(q, k0, v0, dk, dv, q_pos, segments)
     flex = ttt_attention_flex(q, k0, v0, dk, dv, q_pos, q_batch)
-    torch.testing.assert_close(flex, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flex, explicit, rtol=1e-5, atol=1e-5)
+    inputs = [t.double().requires_grad_() for t in (q, k0, v0, dk, dv)]
+    fused = ttt_attention_sdpa(*inputs, q_pos, segments)
+    grad = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, inputs, grad)
+    reference = ttt_attention_explicit(*inputs, q_pos, segments)
+    reference_grads = torch.autograd.grad(reference, inputs, grad)
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_flex_model_forward_matches_sdpa_on_cpu():

@@ -8,10 +8,12 @@ TTT pattern (torchspec.md §6.3): at unroll step k the query at position t atten
   (a) step-0 keys at positions 0..t of its own sequence (the prefix built from target features), and
   (b) its own diagonal entry of every step 1..k (the draft's previous guesses at this position,
       itself included),
-which is exactly what a chain drafter sees at decode time. Two implementations with identical
-results: ``ttt_attention_eager`` (explicit scores, trains on CPU, the reference) and
-``ttt_attention_flex`` (one flex_attention call with a block mask; CUDA training path, since
-flex_attention has no backward on CPU).
+which is exactly what a chain drafter sees at decode time. Implementations with identical
+results: ``ttt_attention_sdpa`` (CPU training path: the prefix on the fused flash-attention kernel,
+merged with the diagonal keys by log-sum-exp), ``ttt_attention_explicit`` (explicit scores; the
+readable reference and the non-CPU fallback of the sdpa backend) and ``ttt_attention_flex`` (one
+flex_attention call with a block mask; the CUDA training path, since flex_attention has no
+backward on CPU).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def cached_attention(
     return out.transpose(1, 2)
 
 
-def ttt_attention_eager(
+def ttt_attention_explicit(
     q: torch.Tensor,
     k0: torch.Tensor,
     v0: torch.Tensor,
@@ -145,6 +147,97 @@ def ttt_attention_eager(
     return torch.cat(outs, dim=0)
 
 
+class _PrefixPlusDiagonal(torch.autograd.Function):
+    """softmax over [prefix keys (masked) ‖ per-query diagonal keys] with the prefix part on the
+    fused CPU flash-attention kernel.
+
+    Forward: (o_p, lse_p) from the kernel, diagonal scores d explicitly, then merge by
+    log-sum-exp. Backward: the prefix gradients come from the kernel's own backward fed with the
+    *merged* output and log-sum-exp (its P = exp(S - lse_total) and D = rowsum(dO * O_total) are
+    then exactly the merged attention's), the diagonal ones by hand. Shapes: q [H, m, d],
+    k/v [H, S, d], mask [m, S] additive, diag_k/diag_v [H, m, s, d].
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, diag_k, diag_v, scale):  # type: ignore[override]
+        o_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, False, attn_mask=mask[None, None], scale=scale
+        )
+        o_p, lse_p = o_p[0], lse_p[0].to(q.dtype)  # [H, m, d], [H, m]
+        diag = torch.matmul(diag_k, q.unsqueeze(-1)).squeeze(-1) * scale  # [H, m, s]
+        lse = torch.logaddexp(lse_p, torch.logsumexp(diag, dim=-1))
+        w_diag = torch.exp(diag - lse.unsqueeze(-1))
+        out = torch.exp(lse_p - lse).unsqueeze(-1) * o_p
+        out = out + torch.matmul(w_diag.unsqueeze(-2), diag_v).squeeze(-2)
+        ctx.save_for_backward(q, k, v, mask, diag_k, diag_v, out, lse, w_diag)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, mask, diag_k, diag_v, out, lse, w_diag = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out[None],
+            q[None],
+            k[None],
+            v[None],
+            out[None],
+            lse[None],
+            0.0,
+            False,
+            attn_mask=mask[None, None],
+            scale=ctx.scale,
+        )
+        delta = (grad_out * out).sum(-1, keepdim=True)  # [H, m, 1]
+        dot = torch.matmul(diag_v, grad_out.unsqueeze(-1)).squeeze(-1)  # [H, m, s]
+        d_diag = w_diag * (dot - delta) * ctx.scale
+        dq = dq[0] + torch.matmul(d_diag.unsqueeze(-2), diag_k).squeeze(-2)
+        d_diag_k = d_diag.unsqueeze(-1) * q.unsqueeze(-2)
+        d_diag_v = w_diag.unsqueeze(-1) * grad_out.unsqueeze(-2)
+        return dq, dk[0], dv[0], None, d_diag_k, d_diag_v, None
+
+
+def ttt_attention_sdpa(
+    q: torch.Tensor,
+    k0: torch.Tensor,
+    v0: torch.Tensor,
+    diag_k: torch.Tensor,
+    diag_v: torch.Tensor,
+    q_pos: torch.Tensor,
+    segments: list[tuple[int, int, int]],
+) -> torch.Tensor:
+    """Same contract as ``ttt_attention_explicit``; on CPU the prefix part runs on the fused
+    flash-attention kernel (no [m, T] score tensors kept for backward), elsewhere it falls back
+    to the explicit version."""
+    if q.device.type != "cpu":
+        return ttt_attention_explicit(q, k0, v0, diag_k, diag_v, q_pos, segments)
+    hq, d = q.shape[1], q.shape[2]
+    group = hq // k0.shape[2]
+    outs = []
+    for b, lo, hi in segments:
+        pos = q_pos[lo:hi]
+        span = int(pos.max()) + 1
+        hidden = torch.arange(span, device=q.device)[None, :] > pos[:, None]
+        mask = torch.zeros(hi - lo, span, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(hidden, float("-inf"))
+        keys = k0[b, :span].repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, span, d]
+        values = v0[b, :span].repeat_interleave(group, dim=1).transpose(0, 1)
+        dk = diag_k[lo:hi].repeat_interleave(group, dim=2).permute(2, 0, 1, 3)  # [Hq, m, s, d]
+        dv = diag_v[lo:hi].repeat_interleave(group, dim=2).permute(2, 0, 1, 3)
+        out = _PrefixPlusDiagonal.apply(
+            q[lo:hi].transpose(0, 1).contiguous(),
+            keys.contiguous(),
+            values.contiguous(),
+            mask,
+            dk,
+            dv,
+            d**-0.5,
+        )
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
 @functools.cache
 def _flex_kernel(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
@@ -161,7 +254,7 @@ def ttt_attention_flex(
     q_pos: torch.Tensor,
     q_batch: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as ``ttt_attention_eager`` as one flex_attention call.
+    """Same contract as ``ttt_attention_explicit`` as one flex_attention call.
 
     Keys are [all step-0 keys of all sequences (B*T) ‖ diagonal keys step-major (s*n)]; the block
     mask admits a step-0 key iff same sequence and position <= t, and a diagonal key iff it belongs

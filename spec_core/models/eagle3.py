@@ -31,8 +31,8 @@ from spec_core.models.attention import (
     cached_attention,
     causal_attention,
     rotary_embedding,
-    ttt_attention_eager,
     ttt_attention_flex,
+    ttt_attention_sdpa,
 )
 from spec_core.models.draft_config import Eagle3Config
 from spec_core.models.losses import (
@@ -296,7 +296,7 @@ class Eagle3Draft(nn.Module):
                 if n:
                     segments.append((b, start, start + n))
                 start += n
-            return ttt_attention_eager(q, k0, v0, diag_k, diag_v, pos_idx, segments)
+            return ttt_attention_sdpa(q, k0, v0, diag_k, diag_v, pos_idx, segments)
 
         return attend
 
