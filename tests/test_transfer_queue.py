@@ -8,7 +8,7 @@ import time
 import pytest
 
 from spec_core.errors import DataError, ServiceError
-from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, start_queue_server
+from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, StopRequested, start_queue_server
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 
 N = 10
@@ -93,6 +93,7 @@ def test_budget_blocks_until_ack_and_counter_never_exceeds_it(server):
     trainer.ack(refs)  # frees 200
     t.join(5)
     assert not t.is_alive() and waited[0] >= 0.25 and q.resident_bytes() == 100
+    assert q.counts()["budget_waits"] == 1
     assert trainer.acked() == [(r.epoch, r.sample_id) for r in refs]
 
 
@@ -102,7 +103,7 @@ def test_reserve_admits_an_oversized_sample_only_into_an_empty_store(server):
     (c,) = q.claim("p", 1, _ids)
     assert q.reserve(c, 500, lambda: False) < 1.0
     (c2,) = q.claim("p", 1, _ids)
-    with pytest.raises(ServiceError, match="stop requested"):
+    with pytest.raises(StopRequested):
         q.reserve(c2, 10, lambda: True)
 
 
@@ -184,7 +185,13 @@ def test_end_of_data_skip_drop_and_missing_requeue(server):
     assert q.publish(redo, _ref(redo))
     q.ack(refs[1:] + [q.try_pop(0)])
     assert q.end_of_data(0) and q.all_finished()
-    assert q.counts() == {"skipped": 1, "dropped": 1, "reclaimed": 0, "missing": 1}
+    assert q.counts() == {
+        "skipped": 1,
+        "dropped": 1,
+        "reclaimed": 0,
+        "missing": 1,
+        "budget_waits": 0,
+    }
     assert q.resident_bytes() == 0
 
 

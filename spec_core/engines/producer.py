@@ -26,34 +26,14 @@ from typing import Any, Optional
 import torch
 
 from spec_core.config import Config, config_from_dict, config_to_dict
-from spec_core.engines.base import CapturedSample, CaptureSpec, HiddenStateEngine, TokenizedSample
+from spec_core.engines.base import CapturedSample, HiddenStateEngine, TokenizedSample
 from spec_core.errors import ConfigError, DataError, ServiceError, SpecflowError
-from spec_core.transfer.queue import Claim, DataPlan, KeyQueue
+from spec_core.models.algorithm import capture_spec_for
+from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, StopRequested
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 from spec_core.transfer.services import ServiceAddresses
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LAST_HIDDEN_ALGORITHMS = ("eagle3", "dspark")  # losses that need target logits
-
-
-def capture_spec_for(cfg: Config, num_layers: int) -> CaptureSpec:
-    """What producers capture for this config (the trainer derives the same ``SampleSpec``)."""
-    from spec_core.models.draft_config import default_capture_indices
-
-    indices = cfg.draft.capture_indices
-    if not indices:
-        if cfg.draft.algorithm != "eagle3":
-            raise ConfigError(
-                f"set 'draft.capture_indices' for {cfg.draft.algorithm} (no default capture layers)"
-            )
-        indices = list(default_capture_indices(num_layers))
-    return CaptureSpec(
-        capture_indices=tuple(int(i) for i in indices),
-        with_last_hidden=cfg.draft.algorithm in LAST_HIDDEN_ALGORITHMS,
-        dtype=DTYPES[cfg.inference.dtype],
-    )
 
 
 def make_plan(cfg: Config, num_samples: int) -> DataPlan:
@@ -245,9 +225,20 @@ def run_producer(
                 stats.idle_s += time.monotonic() - t0
                 continue
             idle_delay = 0.01
-            _produce(
-                claims, data, engine, store, queue, addresses.run_id, producer_id, vocab_size, stats
-            )
+            try:
+                _produce(
+                    claims,
+                    data,
+                    engine,
+                    store,
+                    queue,
+                    addresses.run_id,
+                    producer_id,
+                    vocab_size,
+                    stats,
+                )
+            except StopRequested:
+                break
             if time.monotonic() - last_log > log_interval_s:
                 stats.wall_s = time.monotonic() - start
                 log.info(stats.summary())

@@ -92,6 +92,10 @@ class DataPlan:
         )
 
 
+class StopRequested(Exception):
+    """A producer was told to stop while it waited; it leaves cleanly (not an error)."""
+
+
 @dataclass(frozen=True)
 class Claim:
     epoch: int
@@ -317,7 +321,9 @@ class KeyQueue:
                     break
                 continue
             if should_stop():
-                raise ServiceError("stop requested while waiting for the byte budget")
+                raise StopRequested("stop requested while waiting for the byte budget")
+            if delay == _POLL_MIN_S:  # count each reservation that had to wait, once
+                self.store.add(self._k("count", "budget_waits"), 1)
             time.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
         self.store.set(self._k("resv", claim.epoch, claim.sample_id, claim.attempt), str(nbytes))
@@ -484,5 +490,5 @@ class KeyQueue:
     def counts(self) -> dict[str, int]:
         return {
             name: self._int("count", name)
-            for name in ("skipped", "dropped", "reclaimed", "missing")
+            for name in ("skipped", "dropped", "reclaimed", "missing", "budget_waits")
         }
