@@ -111,7 +111,6 @@ def _start_consumers(
     addresses: ServiceAddresses,
     world: int,
     sleep_s: float,
-    record: bool,
     hidden: int = 64,
 ):
     from spec_core.transfer.mooncake import free_port
@@ -133,7 +132,6 @@ def _start_consumers(
                 str(port),
                 str(tmp / f"consumer{rank}"),
                 str(sleep_s),
-                str(int(record)),
             ],
             tmp / f"consumer{rank}.log",
         )
@@ -183,16 +181,22 @@ def test_round_trip_is_bit_identical_across_processes(tmp_path, tiny_target_dir,
     cfg = base_config(
         [f"inference.dtype={dtype}", "inference.batch_size=5", "training.micro_batch_size=3"]
     )
+    fetched: dict[str, torch.Tensor] = {}
     with start_services(cfg.transfer, f"rt-{dtype}", tmp_path / "svc") as services:
         a = services.addresses
         procs = _start_producers(tmp_path, cfg, a, data, tiny_target_dir, 1, record=True)
-        procs += _start_consumers(tmp_path, cfg, a, 1, 0.0, record=True)
-        codes = _reap(procs, 150)
-    assert codes == [0, 0], _logs(tmp_path)
+        try:  # this test process is the trainer
+            source = _stream_source(a, cfg, hidden=64, rank=0, world=1)
+            while (step := source.next_step()).num_real:
+                _record(step, fetched)
+                source.ack(step.sample_ids)
+            source.close()
+        finally:
+            codes = _reap(procs, 150)
+    assert codes == [0], _logs(tmp_path)
     from safetensors.torch import load_file
 
     produced = load_file(tmp_path / "p0.safetensors")
-    fetched = load_file(tmp_path / "consumer0.safetensors")
     assert len(fetched) == 24 * 4 and set(fetched) == set(produced)
     shapes = set()
     for key, want in produced.items():
@@ -233,7 +237,7 @@ def test_slow_trainer_stays_within_byte_budget_and_nothing_is_evicted(
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         procs = _start_producers(tmp_path, cfg, a, split_200, wide_target_dir, 2, record=False)
-        procs += _start_consumers(tmp_path, cfg, a, 2, 0.1, record=False, hidden=256)
+        procs += _start_consumers(tmp_path, cfg, a, 2, 0.1, hidden=256)
         try:
             codes = _reap(procs, 200)
         finally:
@@ -411,33 +415,19 @@ def _produce(job_path: str, record: str) -> int:
     return 0
 
 
-def _consume(
-    job_path: str, rank: int, world: int, port: int, out: str, sleep_s: float, record: bool
-) -> int:
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
+def _stream_source(addresses: ServiceAddresses, cfg: Config, hidden: int, rank: int, world: int):
     from spec_core.training.sources import SampleSpec
     from spec_core.training.stream_source import StreamSource
-    from spec_core.transfer.queue import start_queue_server
 
-    job = json.loads(Path(job_path).read_text())
-    cfg = config_from_dict(job["config"])
-    if rank == 0:
-        store, _ = start_queue_server("127.0.0.1", port)
-    else:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    n, hidden = len(cfg.draft.capture_indices), int(job["hidden"])
     spec = SampleSpec(
-        aux_dim=n * hidden,
+        aux_dim=len(cfg.draft.capture_indices) * hidden,
         hidden_dim=hidden,
         with_last_hidden=True,
         dtype=getattr(torch, cfg.inference.dtype),
     )
     t = cfg.training
-    source = StreamSource(
-        ServiceAddresses.from_dict(job["services"]),
+    return StreamSource(
+        addresses,
         cfg.transfer,
         spec,
         rank=rank,
@@ -446,38 +436,54 @@ def _consume(
         accumulation_steps=t.accumulation_steps,
         seq_bucket=t.seq_bucket,
     )
-    tensors, acked = {}, []
-    if sleep_s > 0:  # a slow trainer: let the producers run into the byte budget first
-        queue = ServiceAddresses.from_dict(job["services"]).connect_queue()
-        deadline = time.monotonic() + 90
-        while queue.counts()["budget_waits"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # until the producers have run into the budget
-        time.sleep(1.0)  # and keep them waiting a moment
+
+
+def _record(step, out: dict[str, torch.Tensor]) -> None:
+    """The real samples of a step, cut back to their length from the padded batch."""
+    for batch in step.micro_batches:
+        for row, sid in enumerate(batch.sample_ids):
+            if sid:
+                n = int(batch.attention_mask[row].sum())
+                out[f"{sid}/input_ids"] = batch.input_ids[row, :n].clone()
+                out[f"{sid}/loss_mask"] = batch.loss_mask[row, :n].clone()
+                out[f"{sid}/aux_hidden"] = batch.aux_hidden[row, :n].clone()
+                out[f"{sid}/last_hidden"] = batch.last_hidden[row, :n].clone()
+
+
+def _consume(job_path: str, rank: int, world: int, port: int, out: str, sleep_s: float) -> int:
+    """A slow trainer rank: waits until the producers hit the byte budget, then 'trains'
+    (sleeps) every step, stepping in lock-step with the other ranks over gloo."""
+    import torch.distributed as dist
+
+    from spec_core.transfer.queue import start_queue_server
+
+    job = json.loads(Path(job_path).read_text())
+    cfg = config_from_dict(job["config"])
+    addresses = ServiceAddresses.from_dict(job["services"])
+    if rank == 0:
+        store, _ = start_queue_server("127.0.0.1", port)
+    else:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    source = _stream_source(addresses, cfg, int(job["hidden"]), rank, world)
+    queue = addresses.connect_queue()
+    deadline = time.monotonic() + 90
+    while queue.counts()["budget_waits"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the producers have run into the budget
+    time.sleep(1.0)  # and keep them waiting a moment
+    acked = []
     while True:
         step = source.next_step()
         real = torch.tensor([step.num_real])
         dist.all_reduce(real)
         if int(real) == 0:
             break
-        for batch in step.micro_batches:
-            for row, sid in enumerate(batch.sample_ids):
-                if not sid or not record:
-                    continue
-                length = int(batch.attention_mask[row].sum())
-                tensors[f"{sid}/input_ids"] = batch.input_ids[row, :length].clone()
-                tensors[f"{sid}/loss_mask"] = batch.loss_mask[row, :length].clone()
-                tensors[f"{sid}/aux_hidden"] = batch.aux_hidden[row, :length].clone()
-                tensors[f"{sid}/last_hidden"] = batch.last_hidden[row, :length].clone()
         time.sleep(sleep_s)  # "training"
         acked += step.sample_ids
         source.ack(step.sample_ids)
     state = source.state_dict()
     source.close()
-    Path(f"{out}.json").write_text(
-        json.dumps({"acked": acked, "state": state, "stats": source.stats})
-    )
-    if record:
-        save_file(tensors, f"{out}.safetensors")
+    Path(f"{out}.json").write_text(json.dumps({"acked": acked, "state": state}))
     dist.destroy_process_group()
     return 0
 
@@ -489,19 +495,13 @@ if __name__ == "__main__":
     p.add_argument("job")
     p.add_argument("record")
     c = sub.add_parser("consume")
-    for name in ("job", "rank", "world", "port", "out", "sleep", "record"):
+    for name in ("job", "rank", "world", "port", "out", "sleep"):
         c.add_argument(name)
     args = parser.parse_args()
     if args.cmd == "produce":
         sys.exit(_produce(args.job, args.record))
     sys.exit(
         _consume(
-            args.job,
-            int(args.rank),
-            int(args.world),
-            int(args.port),
-            args.out,
-            float(args.sleep),
-            bool(int(args.record)),
+            args.job, int(args.rank), int(args.world), int(args.port), args.out, float(args.sleep)
         )
     )
