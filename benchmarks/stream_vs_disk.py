@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -205,6 +206,9 @@ def run_stream(cfg: Config, train_data: Path, target_dir: Path, tmp: Path) -> tu
 
     run_dir = tmp / "stream-run"
     start = time.monotonic()
+    # Generation and training share the machine: the producer takes one core, the trainer
+    # (torchrun, one thread per rank) the other. The disk baseline generates alone, on all cores.
+    cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, cpu_threads=1))
     run_streaming(
         cfg,
         train_data,

@@ -115,6 +115,7 @@ class InferenceConfig:
     extra_args: dict[str, Any] = field(default_factory=dict)
     python: Optional[str] = None  # interpreter for producer processes (a vLLM/SGLang venv); None = ours
     handoff_dir: Optional[str] = None  # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
+    cpu_threads: Optional[int] = None  # torch threads in a producer (CPU); None = torch's default
 
 
 @dataclass

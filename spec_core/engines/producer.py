@@ -178,6 +178,11 @@ def run_producer(
 ) -> ProducerStats:
     """Produce until every sample of every planned epoch is finished (or a stop is requested)."""
     t = cfg.transfer
+    threads = cfg.inference.cpu_threads
+    if threads is not None:
+        if threads <= 0:
+            raise ConfigError(f"'inference.cpu_threads' must be positive or null, got {threads}")
+        torch.set_num_threads(threads)  # leave cores to a trainer on the same machine
     start = time.monotonic()
     stats = ProducerStats(producer=producer_id)
     data = _Dataset(Path(train_data))
