@@ -201,3 +201,75 @@ def test_fetch_by_alias_returns_the_exported_dir(published, tmp_path):
         parse_model_spec("just-a-name")
     assert parse_model_spec("models:/m@champion") == ("m", "champion", None)
     assert parse_model_spec("m/3") == ("m", None, "3")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect server + database for this module (not the user's ~/.prefect)."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+
+
+@pytest.mark.slow
+def test_publish_tasks_in_the_publish_flow(published, prefect_server, asset_cache, tmp_path):
+    """convert_to_hf -> evaluate_acceptance -> register_model as Prefect tasks, on the trained
+    draft's checkpoint and held-out chitchat prompts (tau = 2 by construction, see module doc)."""
+    from prefect.artifacts import Artifact
+
+    from flows.publish import publish
+    from spec_core.config import config_to_dict
+    from spec_core.data.tokenize import prepare_dataset
+
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'out'}",
+            "registry.model_name=flowed",
+            f"target.path={published['cfg'].target.path}",
+            "evaluation.num_prompts=2",
+            "evaluation.max_new_tokens=8",
+            "dataset.max_conversations=16",
+            "dataset.eval_conversations=3",
+            "dataset.num_proc=1",
+            "dataset.max_seq_length=256",
+        ],
+    )
+    data = prepare_dataset(
+        cfg.dataset, Path(cfg.target.path), tmp_path / "work", asset_cache, progress=False
+    )
+    run_dir = tmp_path / "out" / "runs" / "flow-run"
+    checkpoint = published["root"] / "trained" / "checkpoints"
+    out = publish(
+        config_to_dict(cfg),
+        run_dir=str(run_dir),
+        checkpoint=str(checkpoint),
+        eval_data=str(data.eval_path),
+        dataset_hash=data.cache_key,
+    )
+
+    assert (
+        out["export"]["hf_dir"] == str(run_dir / "hf")
+        and (run_dir / "hf" / "config.json").is_file()
+    )
+    assert out["export"]["provenance"]["dataset_hash"] == data.cache_key
+    evaluation = out["evaluation"]
+    assert evaluation["lossless"] and evaluation["tau"] == pytest.approx(2.0)
+    assert evaluation["dataset_hash"] == data.cache_key and "prompts" not in evaluation
+    assert (run_dir / "eval" / "acceptance.json").is_file() and (
+        run_dir / "eval" / "acceptance.png"
+    ).is_file()
+    registry = out["registry"]
+    assert (
+        registry["version"] == "1"
+        and registry["champion"]
+        and registry["tau"] == pytest.approx(2.0)
+    )
+    tags = client_for(cfg).get_model_version("flowed", "1").tags
+    assert tags["dataset_hash"] == data.cache_key and tags["specflow.run_id"] == "flow-run"
+    artifact = Artifact.get("mlflow-registration")
+    assert artifact is not None and "flowed v1" in artifact.data and "champion" in artifact.data
