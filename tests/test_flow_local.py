@@ -125,7 +125,7 @@ def processes_using(root: Path) -> list[str]:
         except OSError:  # gone, or a zombie
             continue
         if any(str(root) in p for p in paths):
-            found.append(f"{entry.name}: {cmdline[:160]}")
+            found.append(f"{entry.name}: {cmdline}")
     return found
 
 
@@ -169,27 +169,44 @@ def test_killed_producer_run_finishes_and_reuses_cached_data(
     failed_trainer_run, root: Path, config_path: Path
 ):
     run_id = "killed-producer"
-    log = root / "out" / "runs" / run_id / "producers" / "logs" / "producer-0.log"
+    job_file = root / "out" / "runs" / run_id / "producers" / "producer-0.job.json"
     killed: list[int] = []
 
-    def kill_producer_0() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            text = log.read_text(errors="replace") if log.is_file() else ""
-            if "Loading weights" in text:  # its engine is up: it is claiming samples
-                for line in processes_using(log.parent.parent):
-                    pid, cmd = line.split(":", 1)
-                    if "producer-0.job.json" in cmd:
-                        os.kill(int(pid), signal.SIGKILL)
-                        killed.append(int(pid))
-                        return
-            time.sleep(0.2)
+    def kill_producer_0_once_samples_flow() -> None:
+        from spec_core.engines.producer import ProducerJob
+        from spec_core.transfer.services import ServiceAddresses
 
-    killer = threading.Thread(target=kill_producer_0, daemon=True)
+        deadline = time.monotonic() + 300
+        while not job_file.is_file():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        services = ServiceAddresses.from_dict(ProducerJob.load(job_file).services)
+        queue = services.connect_queue(30)
+        queue.plan(30)
+        while queue.produced() < 4:  # production is under way: producer-0 holds claims
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+        for line in processes_using(job_file.parent):
+            pid, cmd = line.split(":", 1)
+            if "producer-0.job.json" in cmd:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+
+    errors: list[BaseException] = []
+
+    def killer_thread() -> None:
+        try:
+            kill_producer_0_once_samples_flow()
+        except BaseException as exc:  # surfaced in the assertion below
+            errors.append(exc)
+
+    killer = threading.Thread(target=killer_thread, daemon=True)
     killer.start()
     state = run_flow(config_path, [f"run.run_id={run_id}", "training.num_epochs=1"])
     killer.join(timeout=5)
-    assert killed, "producer-0 never started"
+    assert killed, f"producer-0 was not running once samples flowed: {errors}"
     assert state.is_completed(), state.message
     summary = asyncio.run(state.aresult())
     assert any("producer-0" in f and "code -9" in f for f in summary["producer_failures"])
