@@ -39,6 +39,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m spec_core.cli demo --config $(CONFIG) $(ARGS)
 
+# A local Prefect server, the three work pools with one process worker each, and the deployments
+# from prefect.yaml; `make stop` stops exactly the processes `serve` recorded.
+serve: $(STAMP)
+	$(PY) deployments/local_stack.py start
+
+stop:
+	$(PY) deployments/local_stack.py stop
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(PY) -m pytest -q -ra $(ARGS)'
