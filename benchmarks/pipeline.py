@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Before any other import: the repo root replaces this script's dir on sys.path, where
-# benchmarks/tokenize.py would shadow the standard library's tokenize (imported by inspect).
+# Before any other import: the repo root replaces this script's dir on sys.path, so the project
+# is imported from the repo and no sibling script can shadow a module.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402

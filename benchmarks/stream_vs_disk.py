@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# benchmarks/ holds a tokenize.py that would shadow the stdlib module: never import from here.
+# Import the project from the repo root, never sibling scripts from this folder.
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))

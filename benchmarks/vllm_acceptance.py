@@ -33,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path, where benchmarks/tokenize.py would shadow the
-# standard library's ``tokenize`` for everything vLLM imports.
+# Python puts this script's folder first on sys.path; drop it so no sibling script can shadow a
+# module that vLLM imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 TAU_TOLERANCE = 0.05
