@@ -37,6 +37,7 @@ from flows.generate import hidden_state_generation
 from flows.publish import publish
 from flows.train import draft_training
 from spec_core.config import Config, config_to_dict, load_config, save_config
+from spec_core.data.regenerate import RegenResult
 from spec_core.errors import SpecflowError
 from spec_core.metrics import pipeline_perf
 from spec_core.paths import RunPaths
@@ -234,7 +235,8 @@ async def speculative_training(
             regen, cache_states["regenerate"] = await cached(
                 regenerate_responses, config, target_dir, outputs=("output_path",)
             )
-            cfg.dataset.path = regen["output_path"]
+            # the regenerated file is in OpenAI ``messages`` form: path and format key together
+            cfg.dataset = RegenResult.from_dict(regen).dataset_config(cfg.dataset)
             config = config_to_dict(cfg)
             save_config(cfg, paths.config_file)
     with stage("tokenize"):

@@ -39,8 +39,12 @@ class RegenerateConfig:
     concurrency: int = 4  # endpoint engine: requests in flight
     request_timeout_s: float = 120.0
     max_retries: int = 3
-    max_turns: Optional[int] = None  # keep the first N messages (after any system) before regenerating
-    num_threads: int = 1  # hf engine: torch threads while generating (0 = torch default); 1 beat 2 here
+    max_turns: Optional[int] = (
+        None  # keep the first N messages (after any system) before regenerating
+    )
+    num_threads: int = (
+        1  # hf engine: torch threads while generating (0 = torch default); 1 beat 2 here
+    )
 
 
 @dataclass
@@ -113,8 +117,12 @@ class InferenceConfig:
     tp_size: int = 1
     mem_fraction: float = 0.8
     extra_args: dict[str, Any] = field(default_factory=dict)
-    python: Optional[str] = None  # interpreter for producer processes (a vLLM/SGLang venv); None = ours
-    handoff_dir: Optional[str] = None  # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
+    python: Optional[str] = (
+        None  # interpreter for producer processes (a vLLM/SGLang venv); None = ours
+    )
+    handoff_dir: Optional[str] = (
+        None  # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
+    )
     cpu_threads: Optional[int] = None  # torch threads in a producer (CPU); None = torch's default
 
 
@@ -170,6 +178,7 @@ class TrainingConfig:
     resume_from: Optional[str] = None  # checkpoint dir (or run dir) to resume exactly
     continual_from: Optional[str] = None  # checkpoint to load weights from, fresh optimizer
     log_interval: int = 1
+    cpu_threads: Optional[int] = None  # torch threads per trainer process (CPU); None = default
 
 
 @dataclass
@@ -180,7 +189,9 @@ class EvaluationConfig:
     num_draft_tokens: int = 3
     max_prompt_tokens: int = 512
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
-    num_threads: int = 1  # torch threads while decoding (0 = default); 1: batch-1 decode is latency-bound
+    num_threads: int = (
+        1  # torch threads while decoding (0 = default); 1: batch-1 decode is latency-bound
+    )
 
 
 @dataclass
@@ -327,6 +338,13 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(f"'{key}' must be a positive integer, got {value}")
     if t.num_steps is not None and t.num_steps <= 0:
         raise ConfigError(f"'training.num_steps' must be positive or null, got {t.num_steps}")
+    threads = {
+        "training.cpu_threads": t.cpu_threads,
+        "inference.cpu_threads": cfg.inference.cpu_threads,
+    }
+    for key, value in threads.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be positive or null, got {value}")
     if not 0 <= t.node_rank < t.nnodes:
         raise ConfigError(f"'training.node_rank' must be in [0, {t.nnodes}), got {t.node_rank}")
     if d.algorithm == "eagle3" and d.num_layers != 1:

@@ -63,16 +63,27 @@ def vllm_layer_ids(capture: Sequence[int]) -> list[int]:
     return _ascending(capture)
 
 
-def sglang_layer_ids(capture: Sequence[int]) -> list[int]:
-    """SGLang's post-layer ids (``eagle_config`` / ``set_eagle3_layers_to_capture``): capture - 1."""
+def post_layer_ids(capture: Sequence[int]) -> list[int]:
+    """Post-layer ids (output of layer i) = capture - 1: SGLang's ``eagle_config`` /
+    ``set_eagle3_layers_to_capture`` and DFlash/DSpark ``dflash_config.target_layer_ids``."""
     indices = _ascending(capture)
     bad = [k for k in indices if k < 1]
     if bad:
         raise ConfigError(
-            f"capture index {bad} (the embedding output) has no post-layer id in SGLang's "
-            "convention; train with 'draft.capture_indices' >= 1"
+            f"capture index {bad} (the embedding output) has no post-layer id; train with "
+            "'draft.capture_indices' >= 1"
         )
     return [k - 1 for k in indices]
+
+
+def capture_from_post_layer_ids(layer_ids: Sequence[int]) -> list[int]:
+    """Inverse of ``post_layer_ids``: reading a config written in the post-layer convention."""
+    return _ascending([int(i) + 1 for i in layer_ids])
+
+
+def sglang_layer_ids(capture: Sequence[int]) -> list[int]:
+    """SGLang's post-layer ids (``eagle_config`` / ``set_eagle3_layers_to_capture``): capture - 1."""
+    return post_layer_ids(capture)
 
 
 def capture_indices_from_hf(config: dict[str, Any]) -> list[int]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from spec_core.config import Config
+from spec_core.engines.conventions import capture_from_post_layer_ids, post_layer_ids
 from spec_core.errors import ConfigError
 from spec_core.models.attention import apply_rope, rotary_embedding
 from spec_core.models.block_attention import Attend, BlockPlan, block_attend, block_positions
@@ -91,7 +92,7 @@ class BlockDraftConfig:
     @property
     def target_layer_ids(self) -> list[int]:
         """Post-layer ids (output of layer k) as z-lab / SGLang / vLLM read them."""
-        return [int(k) - 1 for k in self.capture_indices]
+        return post_layer_ids(self.capture_indices)
 
     @property
     def slot_offset(self) -> int:
@@ -184,7 +185,7 @@ class BlockDraftConfig:
         if capture is None:
             if "target_layer_ids" not in dflash:
                 raise ConfigError(f"{source}: no dflash_config.target_layer_ids")
-            capture = [int(k) + 1 for k in dflash["target_layer_ids"]]
+            capture = capture_from_post_layer_ids(dflash["target_layer_ids"])
         mask_id = dflash.get("mask_token_id", data.get("mask_token_id"))
         if mask_id is None:
             raise ConfigError(f"{source}: no dflash_config.mask_token_id")
