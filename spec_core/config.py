@@ -39,12 +39,10 @@ class RegenerateConfig:
     concurrency: int = 4  # endpoint engine: requests in flight
     request_timeout_s: float = 120.0
     max_retries: int = 3
-    max_turns: Optional[int] = (
-        None  # keep the first N messages (after any system) before regenerating
-    )
-    num_threads: int = (
-        1  # hf engine: torch threads while generating (0 = torch default); 1 beat 2 here
-    )
+    # keep the first N messages (after any system) before regenerating; None = all
+    max_turns: Optional[int] = None
+    # hf engine: torch threads while generating; 0 = torch's default (all cores)
+    num_threads: int = 0
 
 
 @dataclass
@@ -117,12 +115,10 @@ class InferenceConfig:
     tp_size: int = 1
     mem_fraction: float = 0.8
     extra_args: dict[str, Any] = field(default_factory=dict)
-    python: Optional[str] = (
-        None  # interpreter for producer processes (a vLLM/SGLang venv); None = ours
-    )
-    handoff_dir: Optional[str] = (
-        None  # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
-    )
+    # interpreter for producer processes (a vLLM/SGLang venv); None = ours
+    python: Optional[str] = None
+    # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
+    handoff_dir: Optional[str] = None
     cpu_threads: Optional[int] = None  # torch threads in a producer (CPU); None = torch's default
 
 
@@ -189,9 +185,8 @@ class EvaluationConfig:
     num_draft_tokens: int = 3
     max_prompt_tokens: int = 512
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
-    num_threads: int = (
-        1  # torch threads while decoding (0 = default); 1: batch-1 decode is latency-bound
-    )
+    # torch threads while decoding (0 = torch's default); batch-1 decode is latency-bound
+    num_threads: int = 1
 
 
 @dataclass
