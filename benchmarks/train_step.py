@@ -11,7 +11,8 @@ per measurement, peak RSS of a step above what the model and batch already hold.
 The headline compares our step time with TorchSpec's measured 5.70 s (4 x 256) and 7.22 s
 (1 x 1024) on this machine (TARGETS.md), with every real token supervised (our worst case: no
 unsupervised rows to skip). Memory is reported for draft vocab 8,192 and 49,152 (no pruning):
-ours stays flat in vocabulary size and sequence length, the naive one grows with B x T x V.
+ours grows with the vocabulary only by the lm_head's own gradient and optimizer temporaries
+(O(V x H), whatever B x T is), the naive one grows with B x T x V.
 
 Usage: ``.venv/bin/python benchmarks/train_step.py`` (no arguments; a few minutes).
 """
@@ -169,13 +170,23 @@ def main() -> int:
             }
             m = mem[(bsz, length, vocab)]
             print(f"{bsz:>3}x{length:<5} {vocab:>6} {m['ours']:>7.0f} {m['naive']:>7.0f}")
-    growth = max(
-        mem[(b, n, TARGET_VOCAB)]["ours"] / max(mem[(b, n, DRAFT_VOCAB)]["ours"], 1.0)
+    # What may grow with the draft vocab is the lm_head's own state: its gradient (built in the
+    # loss's forward, then handed to .grad) and AdamW's per-parameter temporaries, about 4 copies
+    # of [V, H] fp32. Anything beyond that would be activation memory scaling with V.
+    head_state_mb = 4 * (TARGET_VOCAB - DRAFT_VOCAB) * SMOLLM2["hidden_size"] * 4 / 2**20
+    extra = {
+        (b, n): mem[(b, n, TARGET_VOCAB)]["ours"] - mem[(b, n, DRAFT_VOCAB)]["ours"]
         for b, n in SHAPES
-    )
-    print(f"ours: peak at vocab {TARGET_VOCAB} / peak at {DRAFT_VOCAB} <= {growth:.2f}x")
+    }
+    for (b, n), mb in extra.items():
+        naive = mem[(b, n, TARGET_VOCAB)]["naive"] - mem[(b, n, DRAFT_VOCAB)]["naive"]
+        print(
+            f"{b}x{n}: vocab {DRAFT_VOCAB} -> {TARGET_VOCAB} adds {mb:.0f} MB to ours (lm_head "
+            f"grad + optimizer temporaries ~{head_state_mb:.0f} MB), {naive:.0f} MB to naive"
+        )
+    flat = all(mb <= 1.15 * head_state_mb for mb in extra.values())
     worst = max(ratios)
-    verdict = "PASS" if worst <= TARGET_RATIO and growth <= 1.5 else "FAIL"
+    verdict = "PASS" if worst <= TARGET_RATIO and flat else "FAIL"
     print(f"RESULT train_step_vs_torchspec={worst:.2f} target<={TARGET_RATIO} {verdict}")
     return 0
 
