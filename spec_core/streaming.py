@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from spec_core.config import Config
-from spec_core.engines.producer import ProducerJob, make_plan
+from spec_core.engines.producer import ProducerJob, make_plan, producer_argv
 from spec_core.errors import ServiceError
 from spec_core.training.job import TrainJob
 from spec_core.transfer.mooncake import ManagedProcess, spawn
@@ -61,19 +60,7 @@ def start_producers(
             stats_out=str(work_dir / f"producer-{i}.stats.json"),
         )
         path = job.save(work_dir / f"producer-{i}.job.json")
-        procs.append(
-            spawn(
-                f"producer-{i}",
-                [
-                    cfg.inference.python or sys.executable,  # a vLLM/SGLang venv's interpreter
-                    "-m",
-                    "spec_core.engines.producer",
-                    "--job",
-                    str(path),
-                ],
-                work_dir,
-            )
-        )
+        procs.append(spawn(f"producer-{i}", producer_argv(cfg, path), work_dir))
     return procs
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from spec_core.config import config_from_dict
-from spec_core.engines.producer import SERVICE_EXIT, ProducerJob
+from spec_core.engines.producer import SERVICE_EXIT, ProducerJob, producer_argv
 from spec_core.errors import ServiceError, SpecflowError
 from spec_core.transfer.mooncake import spawn
 from spec_core.transfer.services import ServiceAddresses
@@ -71,8 +70,7 @@ async def generate_hidden_states(
         stats_out=str(stats_path),
     )
     job_path = job.save(out / f"{producer_id}.job.json")
-    python = cfg.inference.python or sys.executable  # a vLLM/SGLang venv's interpreter
-    argv = [python, "-m", "spec_core.engines.producer", "--job", str(job_path)]
+    argv = producer_argv(cfg, job_path)
     proc = spawn(producer_id, argv, out / "logs")
     owner = flow_run_id()
     OWNED.add(owner, proc)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from spec_core.config import load_config
-from spec_core.engines.producer import ProducerJob, make_plan, run_producer
+from spec_core.engines.producer import ProducerJob, make_plan, producer_argv
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.training.job import TrainJob
 from spec_core.training.sources import SampleSpec
@@ -50,10 +50,10 @@ def test_producer_job_round_trips_as_json(tmp_path):
         ProducerJob.load(tmp_path / "bad.json")
 
 
-def test_bad_cpu_threads_is_a_config_error_before_any_work():
-    cfg = load_config(None, ["inference.cpu_threads=0"])
-    with pytest.raises(ConfigError, match="inference.cpu_threads"):
-        run_producer(cfg, ADDRESSES, "/nonexistent", "p0")
+@pytest.mark.parametrize("key", ["inference.cpu_threads", "training.cpu_threads"])
+def test_bad_cpu_threads_is_a_config_error_before_any_work(key):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be positive or null, got 0"):
+        load_config(None, [f"{key}=0"])
 
 
 def test_stream_job_without_services_is_one_clear_error(tmp_path):
@@ -66,3 +66,15 @@ def test_stream_job_without_services_is_one_clear_error(tmp_path):
     quick.config["transfer"]["connect_timeout_s"] = 0.5
     with pytest.raises(ServiceError, match="not reachable"):
         StreamSource.from_job(quick, rank=0, world_size=1, spec=spec)
+
+
+def test_producer_interpreter_must_exist_where_the_producer_starts(tmp_path):
+    import sys
+
+    cfg = load_config(None, [])
+    argv = producer_argv(cfg, tmp_path / "job.json")
+    assert argv[0] == sys.executable and argv[-2:] == ["--job", str(tmp_path / "job.json")]
+    missing = tmp_path / "venv-vllm" / "bin" / "python"
+    cfg = load_config(None, [f"inference.python={missing}"])
+    with pytest.raises(ConfigError, match=r"'inference.python' .*venv-vllm/bin/python is not an"):
+        producer_argv(cfg, tmp_path / "job.json")

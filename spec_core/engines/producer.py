@@ -337,6 +337,19 @@ def _produce(
 # Process entry point
 
 
+def producer_argv(cfg: Config, job_path: str | Path) -> list[str]:
+    """The producer command line: ``inference.python`` (a vLLM/SGLang venv) or our interpreter.
+
+    Checked where the producer starts (in deployments mode that is the worker's host)."""
+    python = cfg.inference.python or sys.executable
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise ConfigError(
+            f"'inference.python' {python} is not an executable file on this host; point it at the "
+            "python of the venv that has the engine installed (e.g. .venv-vllm/bin/python)"
+        )
+    return [python, "-m", "spec_core.engines.producer", "--job", str(job_path)]
+
+
 @dataclass
 class ProducerJob:
     """Everything ``python -m spec_core.engines.producer`` needs, as JSON (no pickle)."""
