@@ -178,11 +178,8 @@ def run_producer(
 ) -> ProducerStats:
     """Produce until every sample of every planned epoch is finished (or a stop is requested)."""
     t = cfg.transfer
-    threads = cfg.inference.cpu_threads
-    if threads is not None:
-        if threads <= 0:
-            raise ConfigError(f"'inference.cpu_threads' must be positive or null, got {threads}")
-        torch.set_num_threads(threads)  # leave cores to a trainer on the same machine
+    if cfg.inference.cpu_threads is not None:  # validated with the config
+        torch.set_num_threads(cfg.inference.cpu_threads)  # leave cores to a co-located trainer
     start = time.monotonic()
     stats = ProducerStats(producer=producer_id)
     data = _Dataset(Path(train_data))

@@ -166,11 +166,8 @@ def fast_bf16(device: torch.device) -> bool:
 
 def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
     cfg = job.cfg
-    threads = cfg.training.cpu_threads
-    if threads is not None and info.device.type == "cpu":
-        if threads <= 0:
-            raise ConfigError(f"'training.cpu_threads' must be positive or null, got {threads}")
-        torch.set_num_threads(threads)  # share the cores with co-located producers
+    if cfg.training.cpu_threads is not None and info.device.type == "cpu":
+        torch.set_num_threads(cfg.training.cpu_threads)  # share the cores with co-located producers
     torch.manual_seed(cfg.training.seed)
     run_dir = Path(job.run_dir)
     head = load_target_head(job.target_dir, cfg.target)
