@@ -349,3 +349,18 @@ def test_handoff_dirs_of_dead_producers_are_removed(tmp_path):
     live.mkdir()
     fresh = handoff.make_handoff_dir(tmp_path)
     assert not stale.exists() and live.exists() and fresh.exists()
+
+
+def test_prefill_batch_check_names_the_sample_and_the_limit():
+    from spec_core.engines.base import check_prefill_batch
+    from spec_core.errors import DataError
+
+    ok = TokenizedSample("a", [1, 2, 3], [0, 1, 1])
+    check_prefill_batch([ok], 4, "vLLM", "max_model_len")  # 3 tokens fit a 4-token context
+    with pytest.raises(
+        DataError, match=r"sample 'a' has 3 tokens; the vLLM producer's max_model_len is 3"
+    ):
+        check_prefill_batch([ok], 3, "vLLM", "max_model_len")
+    ragged = TokenizedSample("b", [1, 2], [1])
+    with pytest.raises(DataError, match=r"sample 'b': input_ids \(2\) and loss_mask \(1\) must be"):
+        check_prefill_batch([ok, ragged], 8, "SGLang", "context_length")

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from spec_core.errors import DataError
+
 
 @dataclass(frozen=True)
 class TokenizedSample:
@@ -56,3 +58,21 @@ class HiddenStateEngine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_prefill_batch(
+    samples: Sequence[TokenizedSample], max_model_len: int, engine: str, limit_name: str
+) -> None:
+    """One clear ``DataError`` for a sample a serving engine cannot prefill, before it is sent:
+    the engines fail on these deep inside a worker, or silently truncate."""
+    for s in samples:
+        if not s.input_ids or len(s.input_ids) != len(s.loss_mask):
+            raise DataError(
+                f"sample {s.sample_id!r}: input_ids ({len(s.input_ids)}) and loss_mask "
+                f"({len(s.loss_mask)}) must be non-empty and the same length"
+            )
+        if len(s.input_ids) >= max_model_len:
+            raise DataError(
+                f"sample {s.sample_id!r} has {len(s.input_ids)} tokens; the {engine} producer's "
+                f"{limit_name} is {max_model_len} (dataset.max_seq_length + 1)"
+            )

@@ -36,10 +36,16 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.engines.base import CapturedSample, CaptureSpec, HiddenStateEngine, TokenizedSample
+from spec_core.engines.base import (
+    CapturedSample,
+    CaptureSpec,
+    HiddenStateEngine,
+    TokenizedSample,
+    check_prefill_batch,
+)
 from spec_core.engines.conventions import sglang_hook_targets
 from spec_core.engines.handoff import bundle_names, make_handoff_dir, read_bundle, write_bundle
-from spec_core.errors import ConfigError, DataError, ServiceError
+from spec_core.errors import ConfigError, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -330,17 +336,7 @@ class SGLangEngine(HiddenStateEngine):
         return [read_bundle(self.handoff_dir, name) for name in bundle_names(self.handoff_dir)]
 
     def capture(self, samples: Sequence[TokenizedSample]) -> list[CapturedSample]:
-        for s in samples:
-            if not s.input_ids or len(s.input_ids) != len(s.loss_mask):
-                raise DataError(
-                    f"sample {s.sample_id!r}: input_ids ({len(s.input_ids)}) and loss_mask "
-                    f"({len(s.loss_mask)}) must be non-empty and the same length"
-                )
-            if len(s.input_ids) >= self.max_model_len:
-                raise DataError(
-                    f"sample {s.sample_id!r} has {len(s.input_ids)} tokens; the SGLang producer's "
-                    f"context_length is {self.max_model_len} (dataset.max_seq_length + 1)"
-                )
+        check_prefill_batch(samples, self.max_model_len, "SGLang", "context_length")
         stray = self._drain()
         if stray:
             log.warning("dropped %d SGLang forward(s) that ran between our batches", len(stray))

@@ -35,10 +35,16 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.engines.base import CapturedSample, CaptureSpec, HiddenStateEngine, TokenizedSample
+from spec_core.engines.base import (
+    CapturedSample,
+    CaptureSpec,
+    HiddenStateEngine,
+    TokenizedSample,
+    check_prefill_batch,
+)
 from spec_core.engines.conventions import VllmExtractPlan, vllm_extract_plan
 from spec_core.engines.handoff import make_handoff_dir, read_bundle, write_bundle
-from spec_core.errors import ConfigError, DataError, ServiceError
+from spec_core.errors import ConfigError, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -352,17 +358,7 @@ class VLLMEngine(HiddenStateEngine):
             raise
 
     def capture(self, samples: Sequence[TokenizedSample]) -> list[CapturedSample]:
-        for s in samples:
-            if not s.input_ids or len(s.input_ids) != len(s.loss_mask):
-                raise DataError(
-                    f"sample {s.sample_id!r}: input_ids ({len(s.input_ids)}) and loss_mask "
-                    f"({len(s.loss_mask)}) must be non-empty and the same length"
-                )
-            if len(s.input_ids) >= self.max_model_len:
-                raise DataError(
-                    f"sample {s.sample_id!r} has {len(s.input_ids)} tokens; the vLLM producer's "
-                    f"max_model_len is {self.max_model_len} (dataset.max_seq_length + 1)"
-                )
+        check_prefill_batch(samples, self.max_model_len, "vLLM", "max_model_len")
         prompts = [{"prompt_token_ids": list(s.input_ids)} for s in samples]  # a TokensPrompt
         outputs = self.llm.generate(prompts, self._sampling, use_tqdm=False)
         captured = []
