@@ -34,7 +34,7 @@ Launch = Callable[[TrainJob], Any]
 class StreamingResult:
     train_result: Any
     producer_stats: list[dict[str, Any]]
-    counts: dict[str, int]  # skipped / dropped / reclaimed / missing, from the key queue
+    counts: dict[str, int]  # skipped / dropped / reclaimed / missing / budget_waits (key queue)
     acked: list[tuple[int, str]]  # (epoch, sample_id) of every trained sample, in ack order
     wall_s: float
     producer_exit_codes: list[Optional[int]] = field(default_factory=list)

@@ -72,7 +72,13 @@ def test_streaming_run_with_the_vllm_producer(tmp_path, smollm2_dir):
     result = run_streaming(cfg, split, tmp_path / "run", target_dir=smollm2_dir, run_id="vllm")
     assert result.producer_exit_codes == [0]
     assert Counter(result.acked) == Counter((0, f"conv-{i:04d}") for i in range(NUM_SAMPLES))
-    assert result.counts == {"skipped": 0, "dropped": 0, "reclaimed": 0, "missing": 0}
+    lost = {k: result.counts[k] for k in ("skipped", "dropped", "reclaimed", "missing")}
+    assert lost == {
+        "skipped": 0,
+        "dropped": 0,
+        "reclaimed": 0,
+        "missing": 0,
+    }  # budget waits may occur
     (stats,) = result.producer_stats
     assert stats["samples"] == NUM_SAMPLES and stats["engine_s"] > 0
     summary = result.train_result.summary
