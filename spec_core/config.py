@@ -137,7 +137,7 @@ class TransferConfig:
     put_timeout_s: float = 120.0  # bounded wait when the store is full
     pop_timeout_s: float = 600.0  # trainer wait for the next sample before failing
     connect_timeout_s: float = 30.0
-    holder_address: Optional[str] = None  # external segment holder host:port (None = start one)
+    holder_address: Optional[str] = None  # external holder Mooncake endpoint (None = start one)
     client_mode: str = "auto"  # auto | shm (same host as the holder) | tcp
     client_segment_mb: int = 0  # memory a tcp-mode client mounts (stores without a holder)
 

@@ -71,10 +71,10 @@ def test_servers_listen_on_loopback_only(services):
     queue_port = int(a.queue.rsplit(":", 1)[1])
     mine = [s for s in _listening(os.getpid()) if s[1] == queue_port]
     assert mine == [("127.0.0.1", queue_port)]
-    # The holder's own RPC port is loopback; its transfer-engine listeners are not (documented
-    # Mooncake behaviour, hence unshare -n in tests).
-    holder_port = int(a.holder.rsplit(":", 1)[1])
-    assert ("127.0.0.1", holder_port) in _listening(by_name["mooncake-holder"])
+    # The holder opens only Mooncake transfer-engine listeners, which bind every interface
+    # whatever is configured (documented Mooncake behaviour, hence unshare -n in tests).
+    holder_socks = _listening(by_name["mooncake-holder"])
+    assert holder_socks and {addr for addr, _ in holder_socks} <= {"0.0.0.0", "::"}
 
 
 def test_addresses_round_trip_as_json_dict(services):
@@ -117,11 +117,11 @@ def test_zero_copy_stage_put_and_get_views(services, cfg):
     client = services.addresses.connect_store(cfg)
     try:
         sizes = [1000, 4 * 37]
-        a, b = client.stage(sizes)
+        a, b = client.stage(["zc/a", "zc/b"], sizes)
         a.copy_(torch.arange(1000, dtype=torch.int64).to(torch.uint8))
         want = torch.linspace(-1, 1, 37)
         b.copy_(want.view(torch.uint8))
-        client.put_staged(["zc/a", "zc/b"], sizes)
+        client.put_staged(["zc/a", "zc/b"])
         got_a, got_b = client.get_staged(
             [TensorMeta("zc/a", (1000,), "uint8"), TensorMeta("zc/b", (37,), "float32")]
         )
@@ -129,6 +129,56 @@ def test_zero_copy_stage_put_and_get_views(services, cfg):
         assert got_b.data_ptr() != want.data_ptr()  # a view of the client's buffer, not ours
     finally:
         client.remove(["zc/a", "zc/b"])
+        client.close()
+
+
+def test_shm_client_maps_the_holders_segment_and_interoperates_with_tcp(services, cfg):
+    shm = services.addresses.connect_store(cfg)  # auto: same host -> shm
+    tcp = services.addresses.connect_store(dataclasses.replace(cfg, client_mode="tcp"))
+    assert (shm.mode, tcp.mode) == ("shm", "tcp")
+    g = torch.Generator().manual_seed(1)
+    # Odd sizes first: Mooncake packs objects at any byte offset, so later float32/int64 objects
+    # land misaligned for a typed view.
+    tensors = {
+        "mix/odd": torch.randint(0, 255, (37,), dtype=torch.uint8, generator=g),
+        "mix/f32": torch.randn(41, 64, generator=g),
+        "mix/odd2": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),
+        "mix/i64": torch.randint(0, 49152, (41,), generator=g),
+    }
+    metas = [
+        TensorMeta(k, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for k, t in tensors.items()
+    ]
+    try:
+        for writer, reader in ((shm, tcp), (tcp, shm), (shm, shm)):
+            writer.put(list(tensors.items()))
+            for fetch in (reader.get, reader.get_staged):
+                for (key, want), got in zip(tensors.items(), fetch(metas), strict=True):
+                    assert got.dtype == want.dtype and torch.equal(got, want), (key, fetch)
+            writer.remove(list(tensors))
+        # The shm path really is the holder's memory: a staged write shows through a view.
+        (view,) = shm.stage(["mix/live"], [8])
+        view.copy_(torch.arange(8, dtype=torch.uint8))
+        shm.put_staged(["mix/live"])
+        (seen,) = shm.get_staged([TensorMeta("mix/live", (8,), "uint8")])
+        assert seen.data_ptr() == view.data_ptr()
+        assert torch.equal(
+            tcp.get([TensorMeta("mix/live", (8,), "uint8")])[0], torch.arange(8).byte()
+        )
+    finally:
+        shm.remove(list(tensors) + ["mix/live"])
+        shm.close()
+        tcp.close()
+
+
+def test_shm_mode_without_a_mappable_holder_is_one_clear_error(services, cfg):
+    elsewhere = dataclasses.replace(services.addresses, holder="127.0.0.1:9")  # no segment info
+    with pytest.raises(ServiceError, match="cannot map the segment of holder 127.0.0.1:9"):
+        elsewhere.connect_store(dataclasses.replace(cfg, client_mode="shm"))
+    client = elsewhere.connect_store(cfg)  # auto falls back to tcp
+    try:
+        assert client.mode == "tcp"
+    finally:
         client.close()
 
 

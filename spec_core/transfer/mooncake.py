@@ -3,21 +3,23 @@
 Where the bytes live. Mooncake keeps an object in the *global segment of the client that mounted
 it*; the master only holds metadata. If producers mounted the segments, a producer that dies (or
 is SIGKILLed) would take its published-but-unread samples with it. So the coordinator runs a
-standalone **segment holder** (the wheel's ``mooncake_client`` "real client") that owns all store
-memory; producers and trainers mount 0 bytes. A dead producer then loses only the samples it had
-claimed but not yet published, and the key queue re-claims those (``queue.py``). As a second line
-of defence a trainer that finds a published sample's data gone hands the id back for
-re-production (``KeyQueue.requeue_missing``), counted and logged.
+standalone **segment holder** (``holder.py``) that owns all store memory; producers and trainers
+mount 0 bytes. A dead producer then loses only the samples it had claimed but not yet published,
+and the key queue re-claims those (``queue.py``). As a second line of defence a trainer that finds
+a published sample's data gone hands the id back for re-production
+(``KeyQueue.requeue_missing``), counted and logged.
 
-Two client modes:
-- ``shm`` (same host as the holder): a Mooncake "dummy" client that shares a staging buffer with
-  the holder through an anonymous shared-memory fd passed over an abstract unix socket; the holder
-  memcpys between that buffer and its segment. About 10 GB/s per direction here.
-- ``tcp`` (another host): an ordinary client with a 0-byte segment; transfers go over the TCP
-  transport (0.5-1.5 GB/s on loopback). ``MC_STORE_MEMCPY=0`` is set for these clients: the
-  same-host memcpy shortcut segfaulted upstream (Mooncake #1986) and they never hold data anyway.
-  The holder keeps memcpy on: its copies are between its own segment and buffers mapped into its
-  own address space, the one case the upstream fix still allows.
+Two client modes, both ordinary Mooncake clients (the master allocates, tracks and deletes every
+object either way):
+- ``shm`` (same host as the holder): the holder's segment is a shared-memory file that the client
+  maps too. A put reserves the object (``batch_put_session_start``/``end``), learns where the
+  master placed it (its replica descriptor) and copies the sample straight there: one copy. A get
+  is a view of the object's bytes in the segment (``get_staged``) or one copy out (``get``).
+- ``tcp`` (another host): transfers go through a registered staging buffer over the TCP
+  transport (0.5-1.5 GB/s on loopback), into the holder's segment. ``auto`` picks ``shm`` when
+  the holder's segment can be mapped here. ``MC_STORE_MEMCPY=0`` is set for clients: the
+  same-host memcpy shortcut segfaulted upstream (Mooncake #1986), and the segment mapping does
+  that job.
 
 Every put is *hard-pinned*: Mooncake never evicts such objects, so a full store answers ``-200``
 (turned into a bounded wait here) instead of silently evicting older samples (which unpinned
@@ -27,10 +29,11 @@ step. Our master also runs with ``--eviction_high_watermark_ratio=1.0`` so nothi
 before the store is really full. The key queue's byte budget keeps residency well below capacity
 in the first place, also for external masters.
 
-Security: the master, metadata server and holder RPC port bind ``transfer.host`` (127.0.0.1 by
-default), but every Mooncake client (the holder, and ``tcp``-mode clients) also opens
-transfer-engine listeners on all interfaces whatever is configured (Mooncake 0.3.13); tests run
-inside ``unshare -n`` so those are reachable only on loopback.
+Security: the master and metadata server bind ``transfer.host`` (127.0.0.1 by default), but every
+Mooncake client (the holder, producers, trainers) also opens transfer-engine listeners on all
+interfaces whatever is configured (Mooncake 0.3.13); tests run inside ``unshare -n`` so those are
+reachable only on loopback. The shared segment is reachable only by processes allowed to open
+the holder's ``/proc/<pid>/fd`` (same user), and a client checks the file's random token.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import torch
 
 from spec_core.config import TransferConfig
 from spec_core.errors import ConfigError, ServiceError
+from spec_core.transfer.holder import SegmentInfo, SharedSegment, fetch_info
 from spec_core.transfer.records import TensorMeta
 
 log = logging.getLogger(__name__)
@@ -309,31 +313,33 @@ def start_segment_holder(
     log_dir: Path,
     timeout_s: float = 60.0,
 ) -> tuple[ManagedProcess, str]:
-    """Start the process that owns the store's memory; healthy once the master sees its segment."""
-    port = free_port(host)
+    """Start the process that owns the store's memory (``holder.py``); healthy once the master
+    counts its segment and it has published where same-host clients find it. Returns the holder's
+    Mooncake endpoint, the name replica descriptors give its segment."""
+    ready = log_dir / "mooncake-holder.ready.json"
+    ready.unlink(missing_ok=True)
     before = master_metrics(metrics_url).get("master_total_capacity_bytes", 0.0)
     proc = spawn(
         "mooncake-holder",
         [
-            _mooncake_binary("mooncake_client"),
+            sys.executable,
+            "-m",
+            "spec_core.transfer.holder",
             f"--host={host}",
-            f"--port={port}",
-            f"--global_segment_size={segment_mb} MB",
-            f"--master_server_address={master}",
-            f"--metadata_server={metadata_url}",
-            "--protocol=tcp",
-            "--threads=2",
+            f"--master={master}",
+            f"--metadata-url={metadata_url}",
+            f"--segment-mb={segment_mb}",
+            f"--ready-file={ready}",
         ],
         log_dir,
-        env={"MC_TCP_BIND_ADDRESS": host, "MC_STORE_MEMCPY": "1"},
     )
 
     def mounted() -> bool:
         capacity = master_metrics(metrics_url).get("master_total_capacity_bytes", 0.0)
-        return tcp_reachable(host, port) and capacity >= before + segment_mb * MB
+        return ready.exists() and capacity >= before + segment_mb * MB
 
-    _wait_healthy(proc, mounted, timeout_s, "Mooncake segment holder (mooncake_client)")
-    return proc, f"{host}:{port}"
+    _wait_healthy(proc, mounted, timeout_s, "Mooncake segment holder")
+    return proc, SegmentInfo.from_json(ready.read_text()).endpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +357,6 @@ def _import_store(bind_host: str):
     return MooncakeDistributedStore, ReplicateConfig
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 def _local_address_towards(host: str, port: int) -> str:
     """The address of the interface this machine uses to reach ``host`` (advertised to peers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -363,33 +365,25 @@ def _local_address_towards(host: str, port: int) -> str:
 
 
 class _Staging:
-    """One registered buffer the client packs puts into and receives gets into; grows on demand."""
+    """One registered buffer for transfers over the transfer engine (tcp mode, and objects that
+    are not in a mapped segment); grows on demand."""
 
-    def __init__(self, store: Any, shm: bool, nbytes: int) -> None:
-        self.store, self.shm = store, shm
+    def __init__(self, store: Any, nbytes: int) -> None:
+        self.store = store
         self.ptr, self.size, self.view = 0, 0, torch.empty(0, dtype=torch.uint8)
-        self._keepalive: Optional[torch.Tensor] = None
         self.ensure(nbytes)
 
     def ensure(self, nbytes: int) -> None:
         if nbytes <= self.size:
             return
-        size = max(nbytes, 2 * self.size)
-        size = -(-size // MB) * MB
+        size = -(-max(nbytes, 2 * self.size) // MB) * MB
         if self.ptr:
             self.store.unregister_buffer(self.ptr)
-        if self.shm:
-            ptr = int(self.store.alloc_from_mem_pool(size))
-            if not ptr:
-                raise ServiceError(f"cannot allocate {size // MB} MB of shared memory for Mooncake")
-            view = torch.frombuffer((ctypes.c_uint8 * size).from_address(ptr), dtype=torch.uint8)
-        else:
-            view = torch.empty(size, dtype=torch.uint8)
-            ptr = view.data_ptr()
-        rc = self.store.register_buffer(ptr, size)
+        view = torch.empty(size, dtype=torch.uint8)
+        rc = self.store.register_buffer(view.data_ptr(), size)
         if rc != 0:
             raise ServiceError(f"Mooncake register_buffer({size // MB} MB) failed with code {rc}")
-        self.ptr, self.size, self.view, self._keepalive = ptr, size, view, view
+        self.ptr, self.size, self.view = view.data_ptr(), size, view
 
 
 def _layout(sizes: list[int]) -> tuple[list[int], int]:
@@ -400,8 +394,18 @@ def _layout(sizes: list[int]) -> tuple[list[int], int]:
     return offsets, total
 
 
+def _typed(raw: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """``raw`` bytes as ``meta`` says. Mooncake places objects at any byte offset, so bytes not
+    aligned for the dtype are copied into an aligned tensor first (a typed view cannot start
+    mid-element)."""
+    dtype = getattr(torch, meta.dtype)
+    if raw.data_ptr() % dtype.itemsize:
+        raw = raw.clone()
+    return raw.view(dtype).reshape(meta.shape)
+
+
 class MooncakeClient:
-    """Puts and gets whole samples through one registered staging buffer.
+    """Puts and gets whole samples; in ``shm`` mode straight in the holder's mapped segment.
 
     Thread-safe (one re-entrant ``lock``): the trainer's prefetch thread reads while its main
     thread deletes.
@@ -418,137 +422,248 @@ class MooncakeClient:
         cfg: TransferConfig,
     ) -> None:
         self.cfg = cfg
-        self.mode = self._pick_mode(holder, cfg)
         self.lock = threading.RLock()
         timeout = cfg.connect_timeout_s
-        if self.mode == "shm":
-            assert holder is not None
-            require_reachable(holder, "Mooncake segment holder", "transfer.holder_address", timeout)
-            host = split_address(holder, "transfer.holder_address")[0]
-            store_cls, replicate = _import_store(host)
-            self.store = store_cls()
-            rc = self.store.setup_dummy(0, 16 * MB, holder)
-            where = f"holder {holder}"
-        else:
-            require_reachable(master, "mooncake_master", "transfer.master_address", timeout)
-            meta_host, meta_port = _url_host_port(metadata_url)
-            require_reachable(
-                f"{meta_host}:{meta_port}",
-                "Mooncake metadata server",
-                "transfer.metadata_server",
-                timeout,
-            )
-            master_host, master_port = split_address(master, "transfer.master_address")
-            local = _local_address_towards(master_host, master_port)
-            store_cls, replicate = _import_store(local)
-            self.store = store_cls()
-            rc = self.store.setup(
-                local,
-                metadata_url,
-                cfg.client_segment_mb * MB,
-                cfg.local_buffer_mb * MB,
-                cfg.protocol,
-                cfg.device_name,
-                master,
-            )
-            where = f"master {master}"
+        if cfg.client_mode == "shm" and not holder:
+            raise ConfigError("'transfer.client_mode' shm needs a segment holder address")
+        if holder:  # a name (the holder's Mooncake endpoint), not a port that listens
+            split_address(holder, "transfer.holder_address")
+        require_reachable(master, "mooncake_master", "transfer.master_address", timeout)
+        meta_host, meta_port = _url_host_port(metadata_url)
+        require_reachable(
+            f"{meta_host}:{meta_port}",
+            "Mooncake metadata server",
+            "transfer.metadata_server",
+            timeout,
+        )
+        self.segment = self._map_segment(metadata_url, holder, cfg.client_mode)
+        self.mode = "shm" if self.segment else "tcp"
+        master_host, master_port = split_address(master, "transfer.master_address")
+        local = _local_address_towards(master_host, master_port)
+        store_cls, replicate = _import_store(local)
+        self.store = store_cls()
+        rc = self.store.setup(
+            local,
+            metadata_url,
+            cfg.client_segment_mb * MB,
+            cfg.local_buffer_mb * MB,
+            cfg.protocol,
+            cfg.device_name,
+            master,
+        )
         if rc != 0:
-            raise ServiceError(f"Mooncake client setup against {where} failed with code {rc}")
+            raise ServiceError(
+                f"Mooncake client setup against master {master} failed with code {rc}"
+            )
         # Hard-pinned objects are never evicted: a full store answers -200 (a bounded wait here)
         # instead of silently dropping older samples. We delete every object explicitly on ack.
         self._put_config = replicate()
         self._put_config.with_hard_pin = True
-        self._staging = _Staging(self.store, self.mode == "shm", cfg.local_buffer_mb * MB)
+        if holder:
+            self._put_config.preferred_segment = holder
+        # tcp mode stages every transfer here; shm mode only objects outside the mapped segment.
+        self._staging = _Staging(self.store, cfg.local_buffer_mb * MB if not self.segment else MB)
+        self._staged: dict[str, tuple[int, int]] = {}  # key -> (staging offset, bytes) to send
         self._closed = False
 
     @staticmethod
-    def _pick_mode(holder: Optional[str], cfg: TransferConfig) -> str:
-        mode = cfg.client_mode
-        if mode == "shm" and not holder:
-            raise ConfigError("'transfer.client_mode' shm needs a segment holder address")
-        if mode == "auto":
-            mode = "shm" if holder and _is_loopback(split_address(holder, "holder")[0]) else "tcp"
-        return mode
+    def _map_segment(
+        metadata_url: str, holder: Optional[str], mode: str
+    ) -> Optional[SharedSegment]:
+        """The holder's segment mapped here, or None for tcp mode (asked for, or not same-host)."""
+        if mode == "tcp" or not holder:
+            return None
+        info = fetch_info(metadata_url, holder)
+        try:
+            if info is None:
+                raise OSError(f"holder {holder} published no segment info on {metadata_url}")
+            return SharedSegment(info)
+        except OSError as exc:
+            if mode == "shm":
+                raise ServiceError(
+                    f"'transfer.client_mode' shm: cannot map the segment of holder {holder} ({exc}); "
+                    "run on the holder's host or set client_mode to auto or tcp"
+                ) from exc
+            log.info("segment holder %s not mappable here (%s): using tcp", holder, exc)
+            return None
 
-    def stage(self, sizes: list[int]) -> list[torch.Tensor]:
-        """Zero-copy put, step 1: uint8 views of the registered buffer to write samples into
-        (an engine can write its output there directly, as a GPU engine's DtoH copy would).
-        Views stay valid until the next call on this client; threads sharing a client hold
-        ``client.lock`` from ``stage`` to ``put_staged``."""
+    def stage(self, keys: list[str], sizes: list[int]) -> list[torch.Tensor]:
+        """Zero-copy put, step 1: uint8 views to write each sample into (an engine can write its
+        output there directly, as a GPU engine's DtoH copy would). In shm mode the objects are
+        reserved here (waiting while the store is full) and the views are their bytes in the
+        segment; otherwise they are in this client's registered buffer. Nothing may read the
+        objects before ``put_staged(keys)``: publish refs only after it. Threads sharing a client
+        hold ``client.lock`` from ``stage`` to ``put_staged``."""
         with self.lock:
-            offsets, total = _layout(sizes)
+            views: dict[str, torch.Tensor] = {}
+            if self.segment:
+                views = self._reserve_in_segment(keys, sizes)
+            rest = [(k, n) for k, n in zip(keys, sizes, strict=True) if k not in views]
+            offsets, total = _layout([n for _, n in rest])
             self._staging.ensure(total)
-            return [self._staging.view[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+            for (key, n), off in zip(rest, offsets, strict=True):
+                self._staged[key] = (off, n)
+                views[key] = self._staging.view[off : off + n]
+            return [views[k] for k in keys]
 
-    def put_staged(self, keys: list[str], sizes: list[int]) -> None:
-        """Zero-copy put, step 2: store what ``stage(sizes)`` views hold, under ``keys``. Waits
-        (bounded by ``transfer.put_timeout_s``) while the store is full."""
-        deadline = time.monotonic() + self.cfg.put_timeout_s
-        delay = 0.05
+    def put_staged(self, keys: list[str]) -> None:
+        """Zero-copy put, step 2: the objects are complete and readable once this returns.
+        Sends what was staged in the registered buffer (waits, bounded by
+        ``transfer.put_timeout_s``, while the store is full); segment writes need nothing more."""
         with self.lock:
-            offsets, _ = _layout(sizes)
-            ptrs = [self._staging.ptr + off for off in offsets]
-            while True:
-                rcs = list(self.store.batch_put_from(keys, ptrs, sizes, self._put_config))
-                if all(rc == 0 for rc in rcs):
-                    return
-                done = [k for k, rc in zip(keys, rcs, strict=True) if rc == 0]
-                if done:  # a retry must not collide with the half that landed
-                    self.store.batch_remove(done, True)
-                bad = [rc for rc in rcs if rc not in (0, RC_NO_SPACE)]
-                if bad:
-                    raise ServiceError(
-                        f"Mooncake put of {keys[0]} failed with code {bad[0]} "
-                        f"({RC_NAMES.get(bad[0], 'see Mooncake types.h')})"
-                    )
-                if time.monotonic() >= deadline:
-                    raise StoreFullError(
-                        f"Mooncake store stayed full for {self.cfg.put_timeout_s:.0f}s while putting "
-                        f"{sum(sizes) / MB:.1f} MB; raise 'transfer.global_segment_mb' or lower "
-                        "'transfer.byte_budget_mb'"
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            pending = [(k, self._staged.pop(k)) for k in keys if k in self._staged]
+            if pending:
+                self._send(
+                    [k for k, _ in pending],
+                    [self._staging.ptr + off for _, (off, _) in pending],
+                    [n for _, (_, n) in pending],
+                )
 
     def put(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        """Store tensors under keys (one copy into the registered buffer, then a zero-copy put)."""
+        """Store tensors under keys: one copy of each, into the segment (shm) or staging (tcp)."""
+        keys = [k for k, _ in items]
         sizes = [t.numel() * t.element_size() for _, t in items]
         with self.lock:
-            for view, (_, t), n in zip(self.stage(sizes), items, sizes, strict=True):
+            for view, (_, t), n in zip(self.stage(keys, sizes), items, sizes, strict=True):
                 src = t.detach().cpu().contiguous()
                 ctypes.memmove(view.data_ptr(), src.data_ptr(), n)  # plain memcpy: no op dispatch
-            self.put_staged([k for k, _ in items], sizes)
+            self.put_staged(keys)
+
+    def _reserve_in_segment(self, keys: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
+        """Reserve objects and return their bytes in the mapped segment; objects the master put
+        elsewhere (another client's segment) are removed again and left to the staging path."""
+        assert self.segment is not None
+        self._retry_while_full(
+            lambda: list(self.store.batch_put_session_start(keys, sizes, self._put_config)),
+            keys,
+            sizes,
+            on_partial=lambda done: (
+                self.store.batch_put_session_end(done),
+                self.store.batch_remove(done, True),
+            ),
+        )
+        rcs = list(self.store.batch_put_session_end(keys))
+        if any(rc != 0 for rc in rcs):
+            self.store.batch_remove(keys, True)
+            bad = next(rc for rc in rcs if rc != 0)
+            raise ServiceError(f"Mooncake put of {keys[0]} failed at commit with code {bad}")
+        views, elsewhere = {}, []
+        for key, n in zip(keys, sizes, strict=True):
+            view = self._segment_view(key, n)
+            if view is None:
+                elsewhere.append(key)
+            else:
+                views[key] = view
+        if elsewhere:
+            self.store.batch_remove(elsewhere, True)
+        return views
+
+    def _segment_view(self, key: str, nbytes: int) -> Optional[torch.Tensor]:
+        assert self.segment is not None
+        for replica in self.store.get_replica_desc(key):
+            if replica.is_memory_replica():
+                desc = replica.get_memory_descriptor().buffer_descriptor
+                if desc.size == nbytes and desc.transport_endpoint == self.segment.info.endpoint:
+                    return self.segment.at(desc.buffer_address, nbytes)
+        return None
+
+    def _send(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> None:
+        self._retry_while_full(
+            lambda: list(self.store.batch_put_from(keys, ptrs, sizes, self._put_config)),
+            keys,
+            sizes,
+            on_partial=lambda done: self.store.batch_remove(done, True),
+        )
+
+    def _retry_while_full(self, attempt, keys: list[str], sizes: list[int], on_partial) -> None:
+        """Run a batched put ``attempt`` until every key lands; while the store is full, undo the
+        keys that did land (a retry must not collide with them) and wait, bounded by
+        ``transfer.put_timeout_s``."""
+        deadline = time.monotonic() + self.cfg.put_timeout_s
+        delay = 0.05
+        while True:
+            rcs = attempt()
+            if all(rc == 0 for rc in rcs):
+                return
+            done = [k for k, rc in zip(keys, rcs, strict=True) if rc == 0]
+            if done:
+                on_partial(done)
+            bad = [rc for rc in rcs if rc not in (0, RC_NO_SPACE)]
+            if bad:
+                raise ServiceError(
+                    f"Mooncake put of {keys[0]} failed with code {bad[0]} "
+                    f"({RC_NAMES.get(bad[0], 'see Mooncake types.h')})"
+                )
+            if time.monotonic() >= deadline:
+                raise StoreFullError(
+                    f"Mooncake store stayed full for {self.cfg.put_timeout_s:.0f}s while putting "
+                    f"{sum(sizes) / MB:.1f} MB; raise 'transfer.global_segment_mb' or lower "
+                    "'transfer.byte_budget_mb'"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def get_staged(self, metas: list[TensorMeta]) -> list[torch.Tensor]:
-        """Zero-copy get: typed views of the registered buffer, valid until the next call on
-        this client. Raises ``MissingDataError`` if an object is gone and ``ServiceError`` if its
+        """Zero-copy get: typed views of the objects' bytes, in the mapped segment (shm: valid
+        until the object is removed) or in the registered buffer (valid until the next call on
+        this client); bytes misaligned for their dtype come as an aligned copy. Raises ``MissingDataError`` if an object is gone and ``ServiceError`` if its
         size is not what the ref promised (Mooncake reports that only as a return code)."""
-        sizes = [m.nbytes for m in metas]
         with self.lock:
-            offsets, total = _layout(sizes)
-            self._staging.ensure(total)
-            ptrs = [self._staging.ptr + off for off in offsets]
-            rcs = list(self.store.batch_get_into([m.key for m in metas], ptrs, sizes))
-            out = []
-            for m, rc, off, n in zip(metas, rcs, offsets, sizes, strict=True):
-                if rc == RC_NOT_FOUND:
-                    raise MissingDataError(f"object {m.key} is not in the Mooncake store")
-                if rc != n:
-                    raise ServiceError(
-                        f"Mooncake read of {m.key} returned {rc} "
-                        f"({RC_NAMES.get(rc, 'size mismatch')}), expected {n} bytes"
-                    )
-                raw = self._staging.view[off : off + n]
-                out.append(raw.view(getattr(torch, m.dtype)).reshape(m.shape))
-            return out
+            return [_typed(raw, m) for raw, m in zip(self._fetch_raw(metas), metas, strict=True)]
+
+    def _fetch_raw(self, metas: list[TensorMeta]) -> list[torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        if self.segment:
+            found = self._views_in_segment(metas)
+        rest = [m for m in metas if m.key not in found]
+        if rest:
+            found.update(self._receive(rest))
+        return [found[m.key] for m in metas]
+
+    def _views_in_segment(self, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
+        assert self.segment is not None
+        descs = self.store.batch_get_replica_desc([m.key for m in metas])
+        out = {}
+        for m in metas:
+            replicas = [r for r in descs.get(m.key, []) if r.is_memory_replica()]
+            if not replicas:
+                raise MissingDataError(f"object {m.key} is not in the Mooncake store")
+            desc = replicas[0].get_memory_descriptor().buffer_descriptor
+            if desc.size != m.nbytes:
+                raise ServiceError(
+                    f"Mooncake object {m.key} holds {desc.size} bytes, expected {m.nbytes} bytes"
+                )
+            if desc.transport_endpoint == self.segment.info.endpoint:
+                view = self.segment.at(desc.buffer_address, m.nbytes)
+                if view is not None:
+                    out[m.key] = view
+        return out
+
+    def _receive(self, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
+        sizes = [m.nbytes for m in metas]
+        offsets, total = _layout(sizes)
+        self._staging.ensure(total)
+        ptrs = [self._staging.ptr + off for off in offsets]
+        rcs = list(self.store.batch_get_into([m.key for m in metas], ptrs, sizes))
+        out = {}
+        for m, rc, off, n in zip(metas, rcs, offsets, sizes, strict=True):
+            if rc == RC_NOT_FOUND:
+                raise MissingDataError(f"object {m.key} is not in the Mooncake store")
+            if rc != n:
+                raise ServiceError(
+                    f"Mooncake read of {m.key} returned {rc} "
+                    f"({RC_NAMES.get(rc, 'size mismatch')}), expected {n} bytes"
+                )
+            out[m.key] = self._staging.view[off : off + n]
+        return out
 
     def get(self, metas: list[TensorMeta]) -> list[torch.Tensor]:
-        """Fetch tensors described by ``metas`` into tensors the caller owns."""
+        """Fetch tensors described by ``metas`` into tensors the caller owns (one copy each)."""
         with self.lock:
             out = []
-            for view in self.get_staged(metas):
-                t = torch.empty_like(view)
-                ctypes.memmove(t.data_ptr(), view.data_ptr(), view.numel() * view.element_size())
+            for raw, m in zip(self._fetch_raw(metas), metas, strict=True):
+                t = torch.empty(m.shape, dtype=getattr(torch, m.dtype))
+                ctypes.memmove(t.data_ptr(), raw.data_ptr(), m.nbytes)
                 out.append(t)
             return out
 

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from spec_core.config import TransferConfig
 from spec_core.errors import ConfigError, ServiceError
@@ -42,7 +43,7 @@ class ServiceAddresses:
     metadata_url: str  # http://host:port/metadata
     queue: str  # key-queue TCPStore host:port
     byte_budget: int  # bytes of samples resident in the store before producers wait
-    holder: Optional[str] = None  # segment holder host:port (shm clients attach to it)
+    holder: Optional[str] = None  # the segment holder's Mooncake endpoint (host:port name)
     metrics_url: Optional[str] = None  # master's HTTP metrics (only when we started it)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,13 +144,6 @@ def start_services(
         require_reachable(
             cfg.master_address, "mooncake_master", "transfer.master_address", cfg.connect_timeout_s
         )
-        if cfg.holder_address:
-            require_reachable(
-                cfg.holder_address,
-                "segment holder",
-                "transfer.holder_address",
-                cfg.connect_timeout_s,
-            )
         addresses = ServiceAddresses(
             run_id=run_id,
             master=cfg.master_address,
@@ -213,9 +207,14 @@ def _start_local(cfg: TransferConfig, run_id: str, log_dir: Path, budget: int) -
 def check_services(addresses: ServiceAddresses, timeout_s: float = 5.0) -> None:
     """Raise ``ServiceError`` naming the first service that does not answer."""
     require_reachable(addresses.master, "mooncake_master", "transfer.master_address", timeout_s)
+    meta = urlparse(addresses.metadata_url)
+    require_reachable(
+        f"{meta.hostname}:{meta.port}",
+        "Mooncake metadata server",
+        "transfer.metadata_server",
+        timeout_s,
+    )
     require_reachable(addresses.queue, "key-queue TCPStore", "transfer.queue_address", timeout_s)
-    if addresses.holder:
-        require_reachable(addresses.holder, "segment holder", "transfer.holder_address", timeout_s)
 
 
 __all__ = ["ServiceAddresses", "ServicesHandle", "ServiceError", "check_services", "start_services"]
