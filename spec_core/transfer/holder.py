@@ -182,11 +182,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"segment holder: {exc}", file=sys.stderr)
         return 2
     store = MooncakeDistributedStore()
-    rc = store.setup(args.host, args.metadata_url, 0, 16 * MB, "tcp", "", args.master)
+    rc = store.setup(
+        args.host, args.metadata_url, 0, 16 * MB, args.protocol, args.device_name, args.master
+    )
     if rc != 0:
         print(f"segment holder: Mooncake setup against {args.master} failed: {rc}", file=sys.stderr)
         return 3
-    mounted = store.mount_segment(f"/proc/self/fd/{fd}", size, HEADER_BYTES)
+    mounted = store.mount_segment(f"/proc/self/fd/{fd}", size, HEADER_BYTES, args.protocol)
     if mounted.get("ret") != 0:
         print(f"segment holder: mount_segment failed: {mounted}", file=sys.stderr)
         return 4
@@ -215,6 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--master", required=True, help="mooncake_master host:port")
     parser.add_argument("--metadata-url", required=True, help="http://host:port/metadata")
     parser.add_argument("--segment-mb", type=int, required=True)
+    parser.add_argument("--protocol", default="tcp", help="Mooncake transport: tcp | rdma")
+    parser.add_argument("--device-name", default="", help="RDMA NICs, comma-separated")
     parser.add_argument("--ready-file", help="where to write SegmentInfo JSON once mounted")
     return serve(parser.parse_args(argv))
 

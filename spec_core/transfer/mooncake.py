@@ -312,6 +312,8 @@ def start_segment_holder(
     metrics_url: str,
     log_dir: Path,
     timeout_s: float = 60.0,
+    protocol: str = "tcp",
+    device_name: str = "",
 ) -> tuple[ManagedProcess, str]:
     """Start the process that owns the store's memory (``holder.py``); healthy once the master
     counts its segment and it has published where same-host clients find it. Returns the holder's
@@ -330,6 +332,8 @@ def start_segment_holder(
             f"--metadata-url={metadata_url}",
             f"--segment-mb={segment_mb}",
             f"--ready-file={ready}",
+            f"--protocol={protocol}",
+            f"--device-name={device_name}",
         ],
         log_dir,
     )

@@ -184,6 +184,8 @@ def _start_local(cfg: TransferConfig, run_id: str, log_dir: Path, budget: int) -
             metrics_url,
             log_dir,
             max(cfg.connect_timeout_s, 60.0),
+            cfg.protocol,
+            cfg.device_name,
         )
         processes.append(holder_proc)
         queue_server, port = start_queue_server(host, timeout_s=cfg.connect_timeout_s)
