@@ -73,6 +73,9 @@ def torchrun_command(
         f"--nproc-per-node={nproc_per_node}",
         f"--master-addr={host}",
         f"--master-port={port}",
+        # The agent's default 0.1 s health poll costs ~5 % of a core, taken from the co-located
+        # producer or trainer; a second is quick enough to notice a dead rank.
+        "--monitor-interval=1",
         "-m",
         "spec_core.training.worker",
         "--job",
