@@ -23,8 +23,9 @@ Per run (all keys under ``{run_id}/``):
   each rank gets its exact share and the ranks run out together: with one shared queue a rank
   that prefetched more would leave the tail to extra steps the trainer does not plan for.
 - Byte budget: ``resident`` holds the bytes of published-but-unacked samples plus reservations.
-  Producers reserve with compare-and-set before putting (so the counter never exceeds the
-  budget), trainers subtract on ack. Mooncake evicts silently near 90 % full; the budget keeps
+  Producers reserve with one atomic ``add`` before putting and take it back if that overshot
+  (a compare-and-set of the value could report a false success and lose an update), trainers
+  subtract on ack. Mooncake evicts silently near 90 % full; the budget keeps
   residency far below that.
 - Acks: ``acked/e/<sample>`` + an append-only ``acked_log``; ``finished/e`` counts samples that
   need nothing more (acked, skipped or dropped). Producers linger until every epoch is finished,
@@ -169,11 +170,6 @@ class KeyQueue:
     def _exists(self, *parts: object) -> bool:
         return bool(self.store.check([self._k(*parts)]))
 
-    def _cas(self, key: str, expected: str, new: str) -> bool:
-        """Compare-and-set; only for updates whose new value differs from every possible current
-        one (the store answers a mismatch with the current value, which could equal ``new``)."""
-        return self.store.compare_set(key, expected, new) == new.encode()
-
     def _once(self, *parts: object) -> bool:
         """True for exactly one caller per key (until the key is deleted): an atomic counter."""
         return int(self.store.add(self._k(*parts), 1)) == 1
@@ -317,9 +313,12 @@ class KeyQueue:
         while True:
             current = self._int("resident")
             if current == 0 or current + nbytes <= self.byte_budget:
-                if self._cas(key, str(current), str(current + nbytes)):
+                # One atomic add, rolled back if it overshot: unlike a compare-and-set of the
+                # value it can never lose a concurrent update (docs/architecture.md §key-queue).
+                after = int(self.store.add(key, nbytes))
+                if after == nbytes or after <= self.byte_budget:
                     break
-                continue
+                self.store.add(key, -nbytes)
             if should_stop():
                 raise StopRequested("stop requested while waiting for the byte budget")
             if delay == _POLL_MIN_S:  # count each reservation that had to wait, once
