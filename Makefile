@@ -15,7 +15,7 @@ NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev
 
-.PHONY: bootstrap demo test lint serve stop vllm-venv vllm-test vllm-check clean
+.PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check clean
 
 bootstrap: $(STAMP)
 
@@ -50,6 +50,12 @@ stop:
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(PY) -m pytest -q -ra $(ARGS)'
+
+# Day-to-day lane: unit tests only (no real SmolLM2 run, no multi-process pipelines), a minute or
+# two. `make test` stays the full suite that CI runs.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(PY) -m pytest -q -ra -m "not slow and not gpu" $(ARGS)'
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
