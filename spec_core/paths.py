@@ -30,6 +30,10 @@ class RunPaths:
         return self.output_dir / "work"
 
     @property
+    def vocab_dir(self) -> Path:
+        return self.work_dir / "vocab"
+
+    @property
     def run_dir(self) -> Path:
         return self.output_dir / "runs" / self.run_id
 
