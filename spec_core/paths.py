@@ -1,8 +1,8 @@
 """Where a run's files live, in one place, so every stage agrees on the layout.
 
 ``output_dir/work`` is content-addressed (tokenized data, vocab maps, regenerated data): it is shared
-by runs and keyed by hashes of everything that affects it. ``output_dir/runs/<run_id>`` holds one
-run's config, metrics, checkpoints and exports. The MLflow store sits at ``output_dir`` so the
+by runs and keyed by hashes of everything that affects it (``spec_core.utils.fingerprint``).
+``output_dir/runs/<run_id>`` holds one run's config, metrics, checkpoints and exports. The MLflow store sits at ``output_dir`` so the
 champion gate compares runs against each other.
 """
 

@@ -1,8 +1,9 @@
 """Prepare training data: load, hold out eval conversations, tokenize with ``datasets.map``, and
 save Arrow datasets under ``work_dir/tokenized/<cache_key>/``.
 
-The cache key hashes everything that changes the output (dataset bytes, tokenizer files, template
-name, mask/length/split options, and the source of this package) and nothing else, so it is
+The cache key hashes everything that changes the output (dataset bytes, every tokenizer file,
+template name, mask/length/split options, and the sources in ``TOKENIZED_CODE``; the pieces are
+shared with the other caches in ``spec_core.utils.fingerprint``) and nothing else, so it is
 computed without tokenizing and a run re-tokenizes only when one of them changed. Entries are built
 in a temporary directory and renamed into place, so a crash never leaves a half-written entry.
 
