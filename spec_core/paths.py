@@ -2,8 +2,8 @@
 
 ``output_dir/work`` is content-addressed (tokenized data, vocab maps, regenerated data): it is shared
 by runs and keyed by hashes of everything that affects it (``spec_core.utils.fingerprint``).
-``output_dir/runs/<run_id>`` holds one run's config, metrics, checkpoints and exports. The MLflow store sits at ``output_dir`` so the
-champion gate compares runs against each other.
+``output_dir/runs/<run_id>`` holds one run's config, metrics, checkpoints and exports. The MLflow
+store sits at ``output_dir`` so the champion gate compares runs against each other.
 """
 
 from __future__ import annotations
