@@ -69,6 +69,18 @@ def test_stop_escalates_to_sigkill_for_a_leader_that_ignores_sigterm(tmp_path):
     group.stop()  # idempotent: the group is gone, nothing is signalled
 
 
+def test_refuses_a_process_that_does_not_lead_its_own_group():
+    import subprocess
+
+    popen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(ValueError, match="start_new_session"):
+            ProcessGroup(popen)
+    finally:
+        popen.kill()
+        popen.wait()
+
+
 def test_never_signals_our_own_group():
     with pytest.raises(ValueError):
         signal_group(os.getpgrp(), 0)

@@ -103,8 +103,15 @@ class ProcessGroup:
     def __post_init__(self) -> None:
         if not self.pgid:
             self.pgid = self.popen.pid
-        if self.pgid == os.getpgrp():
-            raise ValueError("the process shares our group: start it with start_new_session=True")
+        try:
+            leads = os.getpgid(self.popen.pid) == self.pgid
+        except ProcessLookupError:
+            leads = True  # already reaped: nothing to check, stop() finds an empty group
+        if not leads or self.pgid == os.getpgrp():
+            raise ValueError(
+                f"pid {self.popen.pid} does not lead group {self.pgid}: start it with "
+                "start_new_session=True"
+            )
 
     @classmethod
     def start(
