@@ -26,11 +26,13 @@ sys.path.insert(0, str(ROOT))
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
+
+from spec_core.utils.net import free_port  # noqa: E402
+from spec_core.utils.procs import ProcessGroup  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,9 +59,10 @@ class VLLMServer:
         ]  # fmt: skip
         self.url = f"http://127.0.0.1:{port}/v1"
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        self.group = ProcessGroup.start(
+            cmd, grace_s=30.0, stop_signal=signal.SIGINT, stdout=self.log, stderr=subprocess.STDOUT
         )
+        self.proc = self.group.popen
 
     def wait_ready(self) -> float:
         start = time.monotonic()
@@ -75,20 +78,8 @@ class VLLMServer:
         raise RuntimeError(f"vLLM not ready after {STARTUP_TIMEOUT_S} s; see {self.log.name}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.group.stop()
         self.log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -31,6 +31,8 @@ from typing import Optional
 
 import yaml
 
+from spec_core.utils.procs import ProcessGroup, group_alive, signal_group
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO / "outputs" / "prefect-stack"
 STATE_FILE = "stack.json"
@@ -80,20 +82,22 @@ class LocalStack:
         return cls(**data)
 
     def stop(self, timeout_s: float = 15.0) -> list[str]:
-        """Stop the workers, then the server; returns the names of the processes stopped."""
-        stopped = []
-        for proc in self.processes:  # workers first (listed after the server), then the server
-            if _alive(proc):
-                _signal(proc, proc.stop_signal)
-                stopped.append(proc.name)
+        """Stop each recorded process's whole group (its children too), all at once; SIGKILL
+        what is left after ``timeout_s``. Returns the names of the processes stopped.
+
+        Only groups whose leader is alive and is still the process we started are signalled:
+        from then on the group id stays ours for as long as any member lives."""
+        ours = [proc for proc in self.processes if _alive(proc)]
+        for proc in ours:
+            signal_group(proc.pid, proc.stop_signal)
         deadline = time.monotonic() + timeout_s
-        for proc in self.processes:
-            while _alive(proc) and time.monotonic() < deadline:
+        for proc in ours:
+            while group_alive(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _alive(proc):
-                _signal(proc, signal.SIGKILL)
+            if group_alive(proc.pid):
+                signal_group(proc.pid, signal.SIGKILL)
         (Path(self.state_dir) / STATE_FILE).unlink(missing_ok=True)
-        return stopped
+        return [proc.name for proc in ours]
 
 
 def stack_env(api_url: str, worker_poll_s: float = 2.0) -> dict[str, str]:
@@ -124,28 +128,15 @@ def _alive(proc: Proc) -> bool:
     return True
 
 
-def _signal(proc: Proc, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # each was started as its own group leader
-    except ProcessLookupError:
-        pass
-
-
 def _spawn(
     name: str, argv: list[str], env: dict[str, str], log_dir: Path, stop_signal: int
 ) -> Proc:
     log = log_dir / f"{name}.log"
     with log.open("ab") as fh:
-        popen = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+        group = ProcessGroup.start(
+            argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-    return Proc(name, popen.pid, _start_ticks(popen.pid), str(log), stop_signal)
+    return Proc(name, group.pid, _start_ticks(group.pid), str(log), stop_signal)
 
 
 def _prefect(*args: str) -> list[str]:

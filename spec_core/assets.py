@@ -15,8 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from spec_core.config import BUILTIN_PREFIX
+from spec_core.config import BUILTIN_PREFIX, Config
 from spec_core.errors import ConfigError, DataError
+from spec_core.paths import cache_dir as asset_cache_dir
+from spec_core.utils.files import atomic_write_text, publish_dir, staging_dir
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 CHITCHAT_NAME = "chitchat"
@@ -74,14 +76,13 @@ def materialize_smollm2(cache_dir: Path, dtype: str = "float32") -> Path:
         tok.pad_token_id,
     )
     model.to(getattr(torch, dtype))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():  # another process won the race; keep theirs
+    tmp = staging_dir(out)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        publish_dir(tmp, out)  # another process may have won the race; then theirs is kept
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    tmp.rename(out)
     return out
 
 
@@ -96,25 +97,21 @@ def chitchat_sharegpt(cache_dir: Path, min_turns: int = 2) -> Path:
         data = json.loads(src.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{src}: cannot read chitchat data: {exc}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for conv_id in sorted(data):
-            turns = [
-                " ".join(u["text"] for u in turn).strip() for turn in data[conv_id]["messages"]
-            ]
-            turns = [t for t in turns if t]
-            if len(turns) < min_turns:
-                continue
-            record = {
-                "id": conv_id,
-                "conversations": [
-                    {"from": "human" if i % 2 == 0 else "gpt", "value": text}
-                    for i, text in enumerate(turns)
-                ],
-            }
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    lines = []
+    for conv_id in sorted(data):
+        turns = [" ".join(u["text"] for u in turn).strip() for turn in data[conv_id]["messages"]]
+        turns = [t for t in turns if t]
+        if len(turns) < min_turns:
+            continue
+        record = {
+            "id": conv_id,
+            "conversations": [
+                {"from": "human" if i % 2 == 0 else "gpt", "value": text}
+                for i, text in enumerate(turns)
+            ],
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(out, "".join(lines))
     return out
 
 
@@ -150,3 +147,13 @@ def resolve_dataset_path(path: str, cache_dir: Path, min_turns: int = 2) -> Path
     if not local.exists():
         raise ConfigError(f"'dataset.path' {path!r} does not exist")
     return local.resolve()
+
+
+def resolve_target(cfg: Config) -> Path:
+    """The target's HF dir for ``cfg`` (``target.path`` in the config's asset cache, at its dtype)."""
+    return resolve_target_path(cfg.target.path, asset_cache_dir(cfg), cfg.target.dtype)
+
+
+def resolve_dataset(cfg: Config) -> Path:
+    """The dataset file/dir for ``cfg`` (``dataset.path`` in the config's asset cache)."""
+    return resolve_dataset_path(cfg.dataset.path, asset_cache_dir(cfg), cfg.dataset.min_turns)

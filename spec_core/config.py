@@ -502,7 +502,3 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
     return path
-
-
-def is_builtin(value: str) -> bool:
-    return value.startswith(BUILTIN_PREFIX)

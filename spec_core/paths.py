@@ -1,9 +1,9 @@
 """Where a run's files live, in one place, so every stage agrees on the layout.
 
 ``output_dir/work`` is content-addressed (tokenized data, vocab maps, regenerated data): it is shared
-by runs and keyed by hashes of everything that affects it. ``output_dir/runs/<run_id>`` holds one
-run's config, metrics, checkpoints and exports. The MLflow store sits at ``output_dir`` so the
-champion gate compares runs against each other.
+by runs and keyed by hashes of everything that affects it (``spec_core.utils.fingerprint``).
+``output_dir/runs/<run_id>`` holds one run's config, metrics, checkpoints and exports. The MLflow
+store sits at ``output_dir`` so the champion gate compares runs against each other.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class RunPaths:
     @property
     def work_dir(self) -> Path:
         return self.output_dir / "work"
+
+    @property
+    def vocab_dir(self) -> Path:
+        return self.work_dir / "vocab"
 
     @property
     def run_dir(self) -> Path:

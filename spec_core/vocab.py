@@ -15,7 +15,6 @@ first), then to the lowest unseen ids. The map always has exactly ``draft_vocab_
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -28,8 +27,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from spec_core.data.staging import publish, staging_dir
 from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.utils.files import atomic_write_json, publish_dir, staging_dir
+from spec_core.utils.fingerprint import (
+    VOCAB_CODE,
+    cache_key,
+    code_version,
+    files_digest,
+    tree_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +118,11 @@ def vocab_cache_key(
     if manifest.is_file():
         data_key = json.loads(manifest.read_text())["cache_key"]
     else:
-        h = hashlib.sha256()
-        for f in sorted(p for p in train_path.rglob("*") if p.is_file()):
-            h.update(str(f.relative_to(train_path)).encode() + b"\0" + f.read_bytes())
-        data_key = h.hexdigest()
-    blob = json.dumps(
-        [data_key, int(target_vocab_size), int(draft_vocab_size), sorted(coverage_sizes), _code()]
+        data_key = files_digest(tree_files(train_path))
+    code = code_version(VOCAB_CODE) + _VOCAB_FORMAT
+    return cache_key(
+        [data_key, int(target_vocab_size), int(draft_vocab_size), sorted(coverage_sizes), code]
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _code() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16] + _VOCAB_FORMAT
 
 
 def build_vocab_map(
@@ -160,8 +159,8 @@ def build_vocab_map(
     tmp = staging_dir(out)
     try:
         save_vocab_map(tmp / VOCAB_MAP_FILE, kept, target_vocab_size)
-        (tmp / COVERAGE_FILE).write_text(json.dumps(coverage, indent=2))
-        publish(tmp, out)
+        atomic_write_json(tmp / COVERAGE_FILE, coverage)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
@@ -312,7 +311,7 @@ def target_vocab_size(target_dir: Path) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``specflow vocab``: prepare the data (cached) and build the draft vocab map."""
-    from spec_core.assets import resolve_target_path
+    from spec_core.assets import resolve_target
     from spec_core.config import load_config
     from spec_core.data.tokenize import prepare_dataset
     from spec_core.paths import RunPaths, cache_dir
@@ -325,17 +324,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    assets = cache_dir(cfg)
-    target_dir = resolve_target_path(cfg.target.path, assets, cfg.target.dtype)
-    work_dir = RunPaths.from_config(cfg).work_dir
-    prepared = prepare_dataset(cfg.dataset, target_dir, work_dir, assets, progress=not args.quiet)
+    paths = RunPaths.from_config(cfg)
+    target_dir = resolve_target(cfg)
+    prepared = prepare_dataset(
+        cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg), progress=not args.quiet
+    )
     vocab = target_vocab_size(target_dir)
     draft = cfg.vocab.draft_vocab_size or vocab
     result = build_vocab_map(
         prepared.train_path,
         vocab,
         draft,
-        work_dir / "vocab",
+        paths.vocab_dir,
         cfg.vocab.coverage_sizes,
         progress=not args.quiet,
     )

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
-from spec_core.assets import resolve_target_path
+from spec_core import assets
 from spec_core.config import Config, config_from_dict
 from spec_core.data.tokenize import dataset_cache_key, prepare_dataset
 from spec_core.paths import RunPaths, cache_dir
@@ -34,14 +34,16 @@ def result_dir(config: dict[str, Any]) -> Path:
     return work_dir(config_from_dict(config)) / "prefect"
 
 
-def _where(path: Path) -> str:
-    return hashlib.sha256(str(path).encode()).hexdigest()[:8]
+def work_dir_tag(cfg: Config) -> str:
+    """Short hash of the work dir: a Prefect cache key names where its files live, so the same
+    inputs under another ``run.output_dir`` are built there instead of pointing at stale paths."""
+    return hashlib.sha256(str(work_dir(cfg)).encode()).hexdigest()[:8]
 
 
 def _tokenize_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     cfg = config_from_dict(parameters["config"])
     key = dataset_cache_key(cfg.dataset, Path(parameters["target_dir"]), cache_dir(cfg))
-    return f"tokenize-{key}-{_where(work_dir(cfg))}"
+    return f"tokenize-{key}-{work_dir_tag(cfg)}"
 
 
 def _vocab_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -54,14 +56,14 @@ def _vocab_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         size,
         cfg.vocab.coverage_sizes,
     )
-    return f"vocab-{key}-{_where(work_dir(cfg))}"
+    return f"vocab-{key}-{work_dir_tag(cfg)}"
 
 
 @task(name="resolve-target")
 def resolve_target(config: dict[str, Any]) -> str:
     """The target's HF dir (the builtin SmolLM2 is materialized into the cache on first use)."""
     cfg = config_from_dict(config)
-    return str(resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype))
+    return str(assets.resolve_target(cfg))
 
 
 @task(
@@ -97,7 +99,7 @@ def build_vocab_map(config: dict[str, Any], train_path: str, target_dir: str) ->
         Path(train_path),
         target_vocab_size(Path(target_dir)),
         size,
-        work_dir(cfg) / "vocab",
+        RunPaths.from_config(cfg).vocab_dir,
         cfg.vocab.coverage_sizes,
     )
     get_run_logger().info(

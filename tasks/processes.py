@@ -3,16 +3,14 @@
 Tasks start services, producers and torchrun as separate processes and stop them in ``finally``.
 That does not run when the flow run is cancelled or crashes while a coroutine is suspended, so
 each handle is also registered here and the flows' ``on_failure`` / ``on_cancellation`` /
-``on_crashed`` hooks stop whatever is left - by PID, through the handle's own ``stop()``.
+``on_crashed`` hooks stop whatever is left - by process group id, through the handle's own
+``stop()`` (``spec_core.utils.procs.ProcessGroup`` for the processes we spawn).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,29 +59,6 @@ class OwnedProcesses:
 
 
 OWNED = OwnedProcesses()
-
-
-class ProcessGroup:
-    """A process started with ``start_new_session=True`` (torchrun): ``stop()`` ends its whole
-    group - SIGTERM, then SIGKILL after ``grace_s`` - by the group id we created."""
-
-    def __init__(self, popen: subprocess.Popen, grace_s: float = 10.0) -> None:
-        self.popen = popen
-        self.grace_s = grace_s
-
-    def stop(self) -> None:
-        for sig, wait_s in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, 5.0)):
-            if self.popen.poll() is not None:
-                return
-            try:
-                os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.popen.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
 
 
 class LogTail:

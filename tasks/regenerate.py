@@ -9,7 +9,6 @@ conversations done.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,19 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from spec_core.assets import resolve_dataset_path
-from spec_core.config import Config, config_from_dict
+from spec_core.assets import resolve_dataset
+from spec_core.config import config_from_dict
 from spec_core.data.regenerate import regen_cache_key, regenerate_dataset
-from spec_core.paths import RunPaths, cache_dir
+from tasks.data import work_dir, work_dir_tag
 
 PROGRESS_KEY = "regenerate-progress"
 _UPDATE_EVERY_S = 2.0  # each update is an API call; a few per minute is plenty
 
 
-def _dataset_path(cfg: Config) -> Path:
-    return resolve_dataset_path(cfg.dataset.path, cache_dir(cfg), cfg.dataset.min_turns)
-
-
 def _regenerate_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     cfg = config_from_dict(parameters["config"])
-    key = regen_cache_key(cfg, _dataset_path(cfg), Path(parameters["target_dir"]))
-    where = hashlib.sha256(str(RunPaths.from_config(cfg).work_dir).encode()).hexdigest()[:8]
-    return f"regenerate-{key}-{where}"
+    key = regen_cache_key(cfg, resolve_dataset(cfg), Path(parameters["target_dir"]))
+    return f"regenerate-{key}-{work_dir_tag(cfg)}"
 
 
 @task(
@@ -63,7 +57,7 @@ def regenerate_responses(config: dict[str, Any], target_dir: str) -> dict[str, A
         update_progress_artifact(artifact_id=artifact, progress=100.0 * done / max(total, 1))
 
     result = regenerate_dataset(
-        cfg, _dataset_path(cfg), Path(target_dir), RunPaths.from_config(cfg).work_dir, progress
+        cfg, resolve_dataset(cfg), Path(target_dir), work_dir(cfg), progress
     )
     m = result.manifest
     logger.info(

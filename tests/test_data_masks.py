@@ -7,6 +7,8 @@ those tokens added, so both mask paths (character offsets, token-id scan) see re
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -14,12 +16,87 @@ import pytest
 from spec_core.data.conversation import Conversation, Message
 from spec_core.data.render import (
     ConversationRenderer,
-    mask_from_token_ids,
     render_conversation,
     wants_last_turn_only,
 )
-from spec_core.data.templates import TEMPLATES, get_template
+from spec_core.data.templates import TEMPLATES, Span, get_template, last_turn
 from spec_core.errors import ConfigError
+
+# ------------------------------------------------------------------ oracle: the mask from ids alone
+# The production path builds masks from character offsets; this independent scan over token ids
+# must agree with it on every template.
+
+
+@dataclass(frozen=True)
+class TokenMarkers:
+    """A template's markers as token ids, for masks computed from ids alone."""
+
+    header_ids: tuple[int, ...]  # the header without its trailing whitespace
+    tail_chars: int  # length of that trailing whitespace
+    end_ids: tuple[tuple[int, ...], ...]
+    token_chars: np.ndarray  # decoded length of every token id (walks the header tail)
+
+
+def mask_from_token_ids(
+    input_ids: Sequence[int], markers: TokenMarkers, last_turn_only: bool = False
+) -> np.ndarray:
+    """The loss mask from token ids alone (e.g. for sequences an engine tokenized itself)."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    n, header = len(ids), markers.header_ids
+    spans: list[Span] = []
+    i = 0
+    for i0 in np.flatnonzero(ids == header[0]):
+        if i0 < i or tuple(ids[i0 : i0 + len(header)]) != header:
+            continue
+        start, remaining = int(i0) + len(header), markers.tail_chars
+        while remaining > 0 and start < n:  # tokens starting inside the header tail
+            remaining -= int(markers.token_chars[ids[start]])
+            start += 1
+        end = _find_end(ids, start, markers.end_ids)
+        spans.append(Span(int(i0), start, end))
+        i = end
+    if last_turn_only:
+        spans = last_turn(spans)
+    mask = np.zeros(n, dtype=np.uint8)
+    for span in spans:
+        mask[span.content_start : span.end] = 1
+    return mask
+
+
+def _find_end(ids: np.ndarray, start: int, end_ids: tuple[tuple[int, ...], ...]) -> int:
+    """End (exclusive) of the earliest end-of-turn sequence at or after ``start``, else len."""
+    best_k, best_end = len(ids), len(ids)
+    for seq in end_ids:
+        for k in np.flatnonzero(ids[start:best_k] == seq[0]) + start:
+            if tuple(ids[k : k + len(seq)]) == seq:
+                best_k, best_end = int(k), int(k) + len(seq)
+                break
+    return best_end
+
+
+def token_markers(renderer: ConversationRenderer) -> TokenMarkers:
+    """The template's markers as ids; ConfigError if the header does not tokenize stably."""
+    header = renderer.template.assistant_header
+    core = header.rstrip()
+    encode = renderer._backend.encode
+    header_ids = tuple(encode(core, add_special_tokens=False).ids)
+    if (
+        not header_ids
+        or tuple(encode(header, add_special_tokens=False).ids)[: len(header_ids)] != header_ids
+    ):
+        raise ConfigError(f"assistant header {header!r} does not tokenize stably")
+    ends = tuple(
+        tuple(encode(e, add_special_tokens=False).ids) for e in renderer.template.end_of_turn
+    )
+    vocab = renderer._backend.get_vocab_size()
+    pieces = renderer._backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+    return TokenMarkers(
+        header_ids,
+        len(header) - len(core),
+        ends,
+        np.fromiter((len(p) for p in pieces), dtype=np.int64, count=vocab),
+    )
+
 
 CONV = Conversation(
     "hand",
@@ -253,7 +330,7 @@ def chitchat_slice(chitchat_path):
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_offsets_mask_equals_token_scan_mask(name, renderers, chitchat_slice):
     renderer = renderers[name]
-    markers = renderer.token_markers()
+    markers = token_markers(renderer)
     for conv in tricky_conversations(chitchat_slice):
         for last in (False, True):
             sample = renderer.tokenize(conv, last_turn_only=last)

@@ -40,7 +40,7 @@ def test_parent_deployment_runs_children_concurrently_on_their_pools(
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     from deployments.local_stack import start_stack
-    from spec_core.transfer.mooncake import free_port
+    from spec_core.utils.net import free_port
 
     home = tmp_path / "prefect-home"
     monkeypatch.setenv("PREFECT_HOME", str(home))  # the stack's processes, not ~/.prefect

@@ -57,10 +57,10 @@ def trainer_checkpoint(
     from spec_core.training.checkpoint import Checkpointer
     from spec_core.training.fsdp import DistInfo, build_mesh, parallelize
     from spec_core.training.job import TrainJob
-    from spec_core.training.launcher import free_port
     from spec_core.training.optim import build_optimizer
     from spec_core.training.schedule import build_scheduler
     from spec_core.training.worker import build_draft, draft_config_for
+    from spec_core.utils.net import free_port
 
     cfg = load_config(None, [f"draft.capture_indices={CAPTURE}"])
     job = TrainJob.create(cfg, run_dir=str(run_dir), target_dir=str(target_dir))

@@ -193,7 +193,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_owned_process_groups_are_stopped_by_their_run_newest_first(tmp_path: Path):
-    from tasks.processes import OwnedProcesses, ProcessGroup
+    from spec_core.utils.procs import ProcessGroup
+    from tasks.processes import OwnedProcesses
 
     # A parent that ignores SIGTERM with a child: the whole group must go, SIGKILL after grace.
     script = (

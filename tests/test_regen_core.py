@@ -14,7 +14,7 @@ from spec_core.config import load_config
 from spec_core.data import regenerate as rg
 from spec_core.data.conversation import Conversation, Message
 from spec_core.data.generators import LENGTH, STOP, HFGenerator, SamplingParams
-from spec_core.data.load import load_conversations
+from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer
 from spec_core.errors import ConfigError, DataError
 
@@ -173,7 +173,7 @@ def test_last_turn_replaced_everything_else_byte_identical(tmp_path, target_dir,
     assert m["counts"]["written"] == m["counts"]["selected"] == len(RECORDS)
     assert m["counts"]["turns_regenerated"] == len(RECORDS)
     assert m["tokens_generated"] > 0 and m["sampling"]["max_new_tokens"] == 12
-    assert m["source"]["sha256"] == rg.dataset_fingerprint(data)
+    assert m["source"]["sha256"] == dataset_fingerprint(data)
     assert json.loads(result.manifest_path.read_text()) == m
     assert not (result.output_path.parent / rg.PARTIAL).exists()
 
@@ -385,7 +385,7 @@ def test_cache_key_changes_with_each_component(tmp_path, target_dir, monkeypatch
     chat_template.write_text(chat_template.read_text() + " ")
     assert key_with(target=edited) != key
     # code version
-    monkeypatch.setattr(rg, "code_version", lambda: "another-version")
+    monkeypatch.setattr(rg, "code_version", lambda modules: "another-version")
     assert key_with() != key
 
 

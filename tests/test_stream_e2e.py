@@ -113,7 +113,7 @@ def _start_consumers(
     sleep_s: float,
     hidden: int = 64,
 ):
-    from spec_core.transfer.mooncake import free_port
+    from spec_core.utils.net import free_port
 
     port = free_port("127.0.0.1")
     job = tmp / "consumer.json"

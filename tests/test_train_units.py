@@ -149,7 +149,7 @@ class ListSource(SampleSource):
 
 @pytest.fixture()
 def process_group():
-    from spec_core.training.launcher import free_port
+    from spec_core.utils.net import free_port
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1

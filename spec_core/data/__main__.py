@@ -11,7 +11,7 @@ from spec_core.errors import SpecflowError
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from spec_core.assets import resolve_target_path
+    from spec_core.assets import resolve_target
     from spec_core.config import load_config
     from spec_core.data.tokenize import prepare_dataset
     from spec_core.paths import RunPaths, cache_dir
@@ -26,10 +26,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    assets = cache_dir(cfg)
-    target_dir = resolve_target_path(cfg.target.path, assets, cfg.target.dtype)
     work_dir = RunPaths.from_config(cfg).work_dir
-    prepared = prepare_dataset(cfg.dataset, target_dir, work_dir, assets, progress=not args.quiet)
+    prepared = prepare_dataset(
+        cfg.dataset, resolve_target(cfg), work_dir, cache_dir(cfg), progress=not args.quiet
+    )
     if args.json:
         print(json.dumps(prepared.to_dict(), indent=2))
         return 0

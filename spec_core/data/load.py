@@ -21,6 +21,7 @@ from spec_core.data import conversation as cv
 from spec_core.data.conversation import Conversation, InvalidRecord
 from spec_core.data.report import DataReport
 from spec_core.errors import ConfigError, DataError
+from spec_core.utils.fingerprint import files_digest
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
 _SAVE_DIR_MARKERS = ("state.json", "dataset_dict.json")
@@ -105,6 +106,16 @@ def data_sources(path: Path) -> list[Path]:
             "or datasets save dirs"
         )
     return found
+
+
+def dataset_fingerprint(path: Path) -> str:
+    """sha256 over every data file ``data_sources`` reads (names relative to ``path``, bytes)."""
+    path = Path(path)
+    files = []
+    for source in data_sources(path):
+        inner = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        files += [(str(f.relative_to(path)) if path.is_dir() else f.name, f) for f in inner]
+    return files_digest(files)
 
 
 def _collect(directory: Path) -> list[Path]:

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import itertools
 import json
 import logging
@@ -54,10 +53,17 @@ from spec_core.data.generators import (
     SamplingParams,
     derive_seed,
 )
-from spec_core.data.load import data_sources, load_conversations
+from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer
 from spec_core.data.templates import assistant_spans
 from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.utils.files import atomic_write_json, atomic_write_text
+from spec_core.utils.fingerprint import (
+    REGENERATED_CODE,
+    cache_key,
+    code_version,
+    target_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +74,6 @@ PROMPT_TOO_LONG = "prompt_too_long"  # skip reasons, counted in the manifest
 EMPTY_RESPONSE = "empty_response"
 NO_REPLACEABLE_TURN = "no_replaceable_turn"  # every assistant turn is a tool call (kept as is)
 TAIL_TOKENS = 1  # what a template renders after the end-of-turn token ('\n' in ChatML)
-_CODE_FILES = ("regenerate.py", "generators.py", "render.py", "templates.py", "conversation.py")
-_TARGET_META = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _THINK = re.compile(r"^\s*(?:<think>)?(.*?)</think>(.*)$", re.DOTALL)
 
 Progress = Callable[[int, int], None]
@@ -121,57 +114,6 @@ class RegenResult:
 # ----------------------------------------------------------------------------- cache key
 
 
-def code_version() -> str:
-    """Hash of the sources that decide what is generated (this step, generators, rendering)."""
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def dataset_fingerprint(dataset_path: Path) -> str:
-    """sha256 over every data file under ``dataset_path`` (names and bytes)."""
-    h = hashlib.sha256()
-    dataset_path = Path(dataset_path)
-    for source in data_sources(dataset_path):
-        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-        for f in files:
-            name = f.relative_to(dataset_path) if dataset_path.is_dir() else Path(f.name)
-            h.update(str(name).encode() + b"\0")
-            _update_file(h, f)
-    return h.hexdigest()
-
-
-def target_fingerprint(target_dir: Path) -> str:
-    """Config and tokenizer files in full; weight files by size plus 16 evenly spaced 1 MiB
-    samples, which is cheap on a multi-GB checkpoint and still changes with any retraining."""
-    h = hashlib.sha256()
-    target_dir = Path(target_dir)
-    for name in _TARGET_META:
-        if (target_dir / name).is_file():
-            h.update(name.encode() + b"\0")
-            _update_file(h, target_dir / name)
-    weights = sorted(
-        p for p in target_dir.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
-    )
-    for path in weights:
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with path.open("rb") as fh:
-            for k in range(16):
-                fh.seek(size * k // 16)
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()
-
-
-def _update_file(h: Any, path: Path) -> None:
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    h.update(b"\0")
-
-
 def sampling_settings(rc: RegenerateConfig) -> dict[str, Any]:
     """What changes the sampled tokens; greedy output depends on neither seed nor top_p."""
     if rc.temperature <= 0:
@@ -199,14 +141,13 @@ def key_components(cfg: Config, dataset_path: Path, target_dir: Path) -> dict[st
         },
         "sampling": {**sampling_settings(rc), "max_new_tokens": rc.max_new_tokens},
         "engine": engine,
-        "code": code_version(),
+        "code": code_version(REGENERATED_CODE),
     }
 
 
 def regen_cache_key(cfg: Config, dataset_path: Path, target_dir: Path) -> str:
     """The key ``regenerate_dataset`` stores under: hashes of files and settings, no generation."""
-    blob = json.dumps(key_components(cfg, dataset_path, target_dir), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return cache_key(key_components(cfg, dataset_path, target_dir))
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -404,7 +345,7 @@ def regenerate_dataset(
     cache when the key matches, resuming a run that stopped part-way."""
     dataset_path, target_dir = Path(dataset_path), Path(target_dir)
     components = key_components(cfg, dataset_path, target_dir)
-    key = hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:20]
+    key = cache_key(components)
     out = Path(work_dir) / "regenerated" / key
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out / ".lock"):
@@ -467,7 +408,7 @@ def _run(
     )
     manifest["wall_time_s"] = round(time.perf_counter() - started, 2)
     _write_output(out, records)
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write_json(out / MANIFEST, manifest, sort_keys=True)
     partial.unlink(missing_ok=True)
     counts = manifest["counts"]
     log.info(
@@ -709,16 +650,7 @@ def _write_output(out: Path, records: dict[int, dict[str, Any]]) -> None:
             f"regeneration left no conversation (see {out / PARTIAL}); raise "
             "'dataset.max_seq_length' or lower 'dataset.regenerate.max_new_tokens'"
         )
-    _atomic_write(out / OUTPUT, "".join(lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    atomic_write_text(out / OUTPUT, "".join(lines))
 
 
 def _manifest(
@@ -785,9 +717,9 @@ def _manifest(
 def main(argv: Optional[list[str]] = None) -> int:
     from tqdm.auto import tqdm
 
-    from spec_core.assets import resolve_dataset_path, resolve_target_path
+    from spec_core.assets import resolve_dataset, resolve_target
     from spec_core.config import load_config
-    from spec_core.paths import RunPaths, cache_dir
+    from spec_core.paths import RunPaths
 
     parser = argparse.ArgumentParser(
         prog="specflow regenerate",
@@ -800,9 +732,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)
-    assets = cache_dir(cfg)
-    target_dir = resolve_target_path(cfg.target.path, assets, cfg.target.dtype)
-    dataset_path = resolve_dataset_path(cfg.dataset.path, assets, cfg.dataset.min_turns)
+    target_dir = resolve_target(cfg)
+    dataset_path = resolve_dataset(cfg)
     work_dir = RunPaths.from_config(cfg).work_dir
     bar = tqdm(desc="regenerating", unit=" conv", disable=args.quiet)
 

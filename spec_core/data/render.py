@@ -5,8 +5,8 @@ a token is supervised iff it *starts* inside an assistant span, i.e. at or after
 assistant header and before the end of that turn's end-of-turn marker (the marker itself is
 supervised: the draft must learn to stop). A token that straddles the header/content boundary
 (BPE merging the header's trailing newline with leading whitespace of the content) starts in the
-header and is therefore not supervised; ``mask_from_token_ids`` applies the same rule on token ids
-alone, walking the header's trailing whitespace by token lengths, so the two always agree.
+header and is therefore not supervised (tests/test_data_masks.py checks that the same rule applied
+to token ids alone, walking the header's trailing whitespace by token lengths, always agrees).
 
 Templates that ignore ``reasoning_content`` or ``tool_calls`` (SmolLM2's, for instance) get them
 inlined into the content (``<think>...</think>``, ``<tool_call>...</tool_call>``) rather than
@@ -54,53 +54,6 @@ class TokenizedConversation:
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum())
-
-
-@dataclass(frozen=True)
-class TokenMarkers:
-    """A template's markers as token ids, for masks computed from ids alone."""
-
-    header_ids: tuple[int, ...]  # the header without its trailing whitespace
-    tail_chars: int  # length of that trailing whitespace
-    end_ids: tuple[tuple[int, ...], ...]
-    token_chars: np.ndarray  # decoded length of every token id (walks the header tail)
-
-
-def mask_from_token_ids(
-    input_ids: Sequence[int], markers: TokenMarkers, last_turn_only: bool = False
-) -> np.ndarray:
-    """The loss mask from token ids alone (e.g. for sequences an engine tokenized itself)."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    n, header = len(ids), markers.header_ids
-    spans: list[Span] = []
-    i = 0
-    for i0 in np.flatnonzero(ids == header[0]):
-        if i0 < i or tuple(ids[i0 : i0 + len(header)]) != header:
-            continue
-        start, remaining = int(i0) + len(header), markers.tail_chars
-        while remaining > 0 and start < n:  # tokens starting inside the header tail
-            remaining -= int(markers.token_chars[ids[start]])
-            start += 1
-        end = _find_end(ids, start, markers.end_ids)
-        spans.append(Span(int(i0), start, end))
-        i = end
-    if last_turn_only:
-        spans = last_turn(spans)
-    mask = np.zeros(n, dtype=np.uint8)
-    for span in spans:
-        mask[span.content_start : span.end] = 1
-    return mask
-
-
-def _find_end(ids: np.ndarray, start: int, end_ids: tuple[tuple[int, ...], ...]) -> int:
-    """End (exclusive) of the earliest end-of-turn sequence at or after ``start``, else len."""
-    best_k, best_end = len(ids), len(ids)
-    for seq in end_ids:
-        for k in np.flatnonzero(ids[start:best_k] == seq[0]) + start:
-            if tuple(ids[k : k + len(seq)]) == seq:
-                best_k, best_end = int(k), int(k) + len(seq)
-                break
-    return best_end
 
 
 def _mask_from_offsets(enc: Any, text_length: int, spans: list[Span]) -> np.ndarray:
@@ -221,29 +174,6 @@ class ConversationRenderer:
         last_turn_only: bool = False,
     ) -> TokenizedConversation:
         return self.tokenize_texts([self.render(conv)], [last_turn_only], max_seq_length)[0]
-
-    def token_markers(self) -> TokenMarkers:
-        """The template's markers as ids; ConfigError if the header does not tokenize stably."""
-        header = self.template.assistant_header
-        core = header.rstrip()
-        encode = self._backend.encode
-        header_ids = tuple(encode(core, add_special_tokens=False).ids)
-        if (
-            not header_ids
-            or tuple(encode(header, add_special_tokens=False).ids)[: len(header_ids)] != header_ids
-        ):
-            raise ConfigError(f"assistant header {header!r} does not tokenize stably")
-        ends = tuple(
-            tuple(encode(e, add_special_tokens=False).ids) for e in self.template.end_of_turn
-        )
-        vocab = self._backend.get_vocab_size()
-        pieces = self._backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
-        return TokenMarkers(
-            header_ids,
-            len(header) - len(core),
-            ends,
-            np.fromiter((len(p) for p in pieces), dtype=np.int64, count=vocab),
-        )
 
     def _apply(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(

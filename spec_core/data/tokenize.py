@@ -1,8 +1,9 @@
 """Prepare training data: load, hold out eval conversations, tokenize with ``datasets.map``, and
 save Arrow datasets under ``work_dir/tokenized/<cache_key>/``.
 
-The cache key hashes everything that changes the output (dataset bytes, tokenizer files, template
-name, mask/length/split options, and the source of this package) and nothing else, so it is
+The cache key hashes everything that changes the output (dataset bytes, every tokenizer file,
+template name, mask/length/split options, and the sources in ``TOKENIZED_CODE``; the pieces are
+shared with the other caches in ``spec_core.utils.fingerprint``) and nothing else, so it is
 computed without tokenizing and a run re-tokenizes only when one of them changed. Entries are built
 in a temporary directory and renamed into place, so a crash never leaves a half-written entry.
 
@@ -13,7 +14,6 @@ tokenization. Samples are kept in file order (the trainer shuffles).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -30,11 +30,17 @@ import numpy as np
 from spec_core.assets import resolve_dataset_path
 from spec_core.config import DatasetConfig
 from spec_core.data.conversation import Conversation, InvalidRecord, Message
-from spec_core.data.load import data_sources, load_conversations
+from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer, load_tokenizer, wants_last_turn_only
 from spec_core.data.report import DataReport
-from spec_core.data.staging import publish, staging_dir
-from spec_core.errors import ConfigError, DataError
+from spec_core.errors import DataError
+from spec_core.utils.files import atomic_write_json, publish_dir, staging_dir
+from spec_core.utils.fingerprint import (
+    TOKENIZED_CODE,
+    cache_key,
+    code_version,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +49,6 @@ TOO_FEW_LOSS_TOKENS = "too_few_loss_tokens"
 MANIFEST = "prepared.json"
 TRAIN_COLUMNS = ["sample_id", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens"]
 EVAL_COLUMNS = TRAIN_COLUMNS + ["messages"]
-_CODE_FILES = (
-    "conversation.py",
-    "load.py",
-    "report.py",
-    "templates.py",
-    "render.py",
-    "tokenize.py",
-)
-# Files that define a tokenizer's vocabulary, special tokens and chat template.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
 
 
 @dataclass
@@ -150,15 +135,6 @@ class PreparedData:
         )
 
 
-def code_version() -> str:
-    """Hash of this package's sources: a code change invalidates tokenized caches."""
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def dataset_cache_key(cfg: DatasetConfig, tokenizer_dir: Path, cache_dir: Path) -> str:
     """The key ``prepare_dataset`` stores under, computed by hashing files only."""
     data_path = resolve_dataset_path(cfg.path, Path(cache_dir), cfg.min_turns)
@@ -166,39 +142,21 @@ def dataset_cache_key(cfg: DatasetConfig, tokenizer_dir: Path, cache_dir: Path) 
 
 
 def _cache_key(cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path) -> str:
-    h = hashlib.sha256()
-    options = {
-        "messages_key": cfg.messages_key,
-        "chat_template": cfg.chat_template,
-        "last_turn_loss_only": cfg.last_turn_loss_only,
-        "max_seq_length": cfg.max_seq_length,
-        "min_loss_tokens": cfg.min_loss_tokens,
-        "max_conversations": cfg.max_conversations,
-        "eval_conversations": cfg.eval_conversations,
-        "seed": cfg.seed,
-        "code": code_version(),
-    }
-    h.update(json.dumps(options, sort_keys=True).encode())
-    for source in data_sources(data_path):
-        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-        for f in files:
-            _hash_file(h, f.relative_to(data_path) if data_path.is_dir() else Path(f.name), f)
-    present = [name for name in _TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
-    if not present:
-        raise ConfigError(
-            f"no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...) in {tokenizer_dir}"
-        )
-    for name in present:
-        _hash_file(h, Path(name), tokenizer_dir / name)
-    return h.hexdigest()[:20]
-
-
-def _hash_file(h: Any, name: Path, path: Path) -> None:
-    h.update(str(name).encode() + b"\0")
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    h.update(b"\0")
+    return cache_key(
+        {
+            "messages_key": cfg.messages_key,
+            "chat_template": cfg.chat_template,
+            "last_turn_loss_only": cfg.last_turn_loss_only,
+            "max_seq_length": cfg.max_seq_length,
+            "min_loss_tokens": cfg.min_loss_tokens,
+            "max_conversations": cfg.max_conversations,
+            "eval_conversations": cfg.eval_conversations,
+            "seed": cfg.seed,
+            "code": code_version(TOKENIZED_CODE),
+            "dataset": dataset_fingerprint(data_path),
+            "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        }
+    )
 
 
 def prepare_dataset(
@@ -221,9 +179,11 @@ def prepare_dataset(
     try:
         with _progress_bars(progress):
             report = _build(cfg, data_path, tokenizer_dir, tmp, key, progress)
-        _write_json(tmp / MANIFEST, {"cache_key": key, "report": report.to_dict()})
+        atomic_write_json(
+            tmp / MANIFEST, {"cache_key": key, "report": report.to_dict()}, sort_keys=True
+        )
         shutil.rmtree(tmp / "scratch", ignore_errors=True)
-        publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for line in report.lines():
@@ -475,10 +435,6 @@ def _read_manifest(out: Path, cached: bool) -> PreparedData:
         cached,
         PrepareReport.from_dict(manifest["report"]),
     )
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 @contextmanager

@@ -30,7 +30,6 @@ plus ``best``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from spec_core.errors import ConfigError
 from spec_core.training.sources import SampleSource
+from spec_core.utils.files import atomic_write_text
 
 FROZEN_KEYS = ("embed_tokens.weight",)
 LATEST = "latest"
@@ -59,12 +59,6 @@ STATE_FILE = "trainer_state.json"
 
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _barrier() -> None:
@@ -163,9 +157,9 @@ class Checkpointer:
                 shutil.copy(vocab_map_file, partial / "vocab_map.safetensors")
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            _write_text(self.root / LATEST, final.name)
+            atomic_write_text(self.root / LATEST, final.name)
             if is_best:
-                _write_text(self.root / BEST, final.name)
+                atomic_write_text(self.root / BEST, final.name)
             self._rotate()
         _barrier()
         return final

@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +24,8 @@ from typing import Any, Optional
 
 from spec_core.errors import ConfigError, SpecflowError
 from spec_core.training.job import TrainJob
+from spec_core.utils.net import free_port
+from spec_core.utils.procs import ProcessGroup
 
 _ERROR_LINE = re.compile(r"^(error: .+|[\w.]*(Error|Exception)(: .*)?)$")
 
@@ -39,12 +39,6 @@ class TrainResult:
     last_checkpoint: Optional[str] = None
     best_checkpoint: Optional[str] = None
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def torchrun_command(
@@ -112,22 +106,6 @@ def _pump(stream: Any, log_fh: Any, echo: bool) -> None:
             sys.stdout.flush()
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Terminate torchrun's whole process group (we started it with start_new_session)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def launch_training(
     job: TrainJob,
     nproc_per_node: int,
@@ -138,12 +116,12 @@ def launch_training(
     env: Optional[dict[str, str]] = None,
     echo: bool = True,
     timeout_s: Optional[float] = None,
-    on_start: Optional[Callable[[subprocess.Popen], None]] = None,
+    on_start: Optional[Callable[[ProcessGroup], None]] = None,
 ) -> TrainResult:
     """Run the job under torchrun; raise ``SpecflowError`` with the worker's error on failure.
 
-    ``on_start`` receives the torchrun process as soon as it exists, so a caller running this in a
-    thread (a Prefect task) can stop its process group from outside on cancellation.
+    ``on_start`` receives torchrun's process group as soon as it exists, so a caller running this
+    in a thread (a Prefect task) can stop it from outside on cancellation.
     """
     if nproc_per_node <= 0:
         raise ConfigError(f"'training.nproc_per_node' must be positive, got {nproc_per_node}")
@@ -158,18 +136,14 @@ def launch_training(
     with log_path.open("a", encoding="utf-8") as log_fh:
         log_fh.write(f"$ {' '.join(cmd)}\n")
         log_fh.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=proc_env,
-            start_new_session=True,
+        group = ProcessGroup.start(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=proc_env
         )
+        proc = group.popen
         pump = threading.Thread(target=_pump, args=(proc.stdout, log_fh, echo), daemon=True)
         pump.start()
         if on_start is not None:
-            on_start(proc)
+            on_start(group)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while proc.poll() is None:
@@ -177,14 +151,15 @@ def launch_training(
                     raise TimeoutError
                 time.sleep(0.2)
         except TimeoutError:
-            _stop_group(proc)
+            group.stop()
             pump.join(timeout=5)
             raise SpecflowError(
                 f"training did not finish within {timeout_s:.0f}s and was stopped; log: {log_path}"
             ) from None
         except BaseException:
-            _stop_group(proc)
+            group.stop()
             raise
+        group.stop()  # nothing left when torchrun exits cleanly; else the ranks it left behind
         pump.join(timeout=10)
     if proc.returncode != 0:
         reason = last_error_line(log_path) or "no error line in the log"
@@ -207,14 +182,14 @@ def launch_training(
 
 def prepare_job(cfg: Any, run_dir: Path, progress: bool = True) -> TrainJob:
     """Tokenize (cached), build the vocab map (cached) and describe the run as a TrainJob."""
-    from spec_core.assets import resolve_target_path
+    from spec_core.assets import resolve_target
     from spec_core.config import save_config
     from spec_core.data.tokenize import prepare_dataset
     from spec_core.paths import RunPaths, cache_dir
     from spec_core.vocab import build_vocab_map, target_vocab_size
 
     paths = RunPaths.from_config(cfg)
-    target_dir = resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
+    target_dir = resolve_target(cfg)
     prepared = prepare_dataset(
         cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg), progress=progress
     )
@@ -224,7 +199,7 @@ def prepare_job(cfg: Any, run_dir: Path, progress: bool = True) -> TrainJob:
             prepared.train_path,
             target_vocab_size(target_dir),
             cfg.vocab.draft_vocab_size,
-            paths.work_dir / "vocab",
+            paths.vocab_dir,
             cfg.vocab.coverage_sizes,
         )
         vocab_map = str(result.vocab_map_path)

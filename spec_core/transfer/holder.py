@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from spec_core.utils.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 MB = 1 << 20
@@ -198,11 +200,8 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     publish_info(args.metadata_url, info)
-    if args.ready_file:  # written whole, then renamed: a reader never sees half of it
-        tmp = f"{args.ready_file}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(info.to_json())
-        os.replace(tmp, args.ready_file)
+    if args.ready_file:  # atomic: a reader never sees half of it
+        atomic_write_text(args.ready_file, info.to_json())
     print(f"segment holder {endpoint}: {args.segment_mb} MB mounted", flush=True)
     while not stop.wait(1.0):
         pass

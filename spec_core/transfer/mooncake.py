@@ -42,7 +42,6 @@ import ctypes
 import importlib.util
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from spec_core.config import TransferConfig
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.transfer.holder import SegmentInfo, SharedSegment, fetch_info
 from spec_core.transfer.records import TensorMeta
+from spec_core.utils.net import free_port
+from spec_core.utils.procs import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,22 @@ class MissingDataError(ServiceError):
 
 @dataclass
 class ManagedProcess:
-    """A server process we own: started in its own process group, logs in a file, stopped by PID."""
+    """A server process we own: its own process group, logs in a file, stopped by group id."""
 
     name: str
-    popen: subprocess.Popen
+    group: ProcessGroup
     log_path: Path
 
     @property
+    def popen(self) -> subprocess.Popen:
+        return self.group.popen
+
+    @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.group.pid
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.group.alive()
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -114,45 +119,26 @@ class ManagedProcess:
         return "\n".join(text[-lines:])
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM the group we created, SIGKILL what is left after ``timeout_s``; idempotent."""
-        if self.popen.poll() is None:
-            for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.popen.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.popen.wait(wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        try:
-            self.popen.wait(1.0)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL did not land
-            log.warning("%s (pid %d) did not exit", self.name, self.popen.pid)
+        """SIGTERM the group, SIGKILL what is left after ``timeout_s``; idempotent."""
+        self.group.stop(timeout_s)
 
 
 def spawn(
     name: str, argv: list[str], log_dir: Path, env: Optional[dict[str, str]] = None
 ) -> ManagedProcess:
+    """Start ``argv`` in its own group (Ctrl-C in the terminal reaches us; we stop it), its output
+    appended to ``log_dir/<name>.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as fh:
-        popen = subprocess.Popen(
+        group = ProcessGroup.start(
             argv,
             stdout=fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
-            start_new_session=True,  # own group: Ctrl-C in the terminal reaches us, we stop it
         )
-    return ManagedProcess(name, popen, log_path)
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return ManagedProcess(name, group, log_path)
 
 
 def split_address(address: str, field: str) -> tuple[str, int]:
