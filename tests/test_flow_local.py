@@ -173,7 +173,7 @@ def test_killed_producer_run_finishes_and_reuses_cached_data(
     killed: list[int] = []
 
     def kill_producer_0_once_samples_flow() -> None:
-        from spec_core.engines.producer import ProducerJob
+        from spec_core.streaming.producer import ProducerJob
         from spec_core.transfer.services import ServiceAddresses
 
         deadline = time.monotonic() + 300
