@@ -32,6 +32,7 @@ target:
   path: {target}
 draft:
   ttt_length: 2
+  capture_indices: [1, 2, 3]  # EAGLE-3's default (2, N//2, N-3) repeats layers on 4 layers
 vocab:
   draft_vocab_size: 1024
 inference:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from spec_core.config import Config
 from spec_core.contracts.plan import BatchPlan
 from spec_core.streaming.producer import ProducerJob, producer_argv, producer_outcome
-from spec_core.streaming.supervisor import Child, coroutine_child, run_concurrently
+from spec_core.streaming.supervisor import Child, Outcome, coroutine_child, run_concurrently
 from spec_core.training.job import TrainJob
 from spec_core.transfer.mooncake import ManagedProcess, spawn
 from spec_core.transfer.queue import KeyQueue
@@ -122,7 +122,7 @@ async def _supervise(
     work_dir: Path,
     trainer_procs: list[ManagedProcess],
     producer_timeout_s: float,
-) -> Any:
+) -> Outcome:
     return await run_concurrently(
         [producer_child(p, work_dir) for p in producers],
         [trainer_child(launch, job, trainer_procs)],
