@@ -53,7 +53,7 @@ def load_prompts(cfg, num_samples: int):
     from transformers import AutoTokenizer
 
     from spec_core.assets import resolve_dataset_path, resolve_target_path
-    from spec_core.engines.base import TokenizedSample
+    from spec_core.contracts.samples import TokenizedSample
     from spec_core.paths import cache_dir
 
     cache = cache_dir(cfg)
@@ -144,8 +144,8 @@ def main() -> int:
     reexec_in_vllm_venv(args.engine)
 
     from spec_core.config import load_config
+    from spec_core.contracts.capture import CaptureSpec
     from spec_core.engines import build_engine
-    from spec_core.engines.base import CaptureSpec
     from spec_core.engines.hf import HFEngine
     from spec_core.models.target import read_target_config
 

@@ -3,7 +3,7 @@
 Both runs use the real SmolLM2-135M target (HF engine, CPU, fp32), the same tokenized chitchat
 samples, the same EAGLE-3 trainer (torchrun, 1 rank) and the same config:
 
-- stream: ``spec_core.streaming.run_streaming``: services + one producer process + the trainer,
+- stream: ``spec_core.streaming.run.run_streaming``: services + one producer process + the trainer,
   at the same time; hidden states go producer -> Mooncake -> trainer and never touch the disk;
 - disk: a generator process captures every sample and ``torch.save``s it, then the trainer runs
   on those files (a replay producer ``torch.load``s them into the same stream machinery, so
@@ -48,11 +48,8 @@ from collections.abc import Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from spec_core.config import Config, config_from_dict, config_to_dict, load_config  # noqa: E402
-from spec_core.engines.base import (  # noqa: E402
-    CapturedSample,
-    HiddenStateEngine,
-    TokenizedSample,
-)
+from spec_core.contracts.samples import CapturedSample, TokenizedSample  # noqa: E402
+from spec_core.engines.base import HiddenStateEngine  # noqa: E402
 
 TARGET = 0.6
 OVERRIDES = [
@@ -106,7 +103,7 @@ class DiskReplayEngine(HiddenStateEngine):
 def _generate(cfg: Config, train_data: str, target_dir: str, out_dir: Path) -> None:
     import datasets
 
-    from spec_core.engines.producer import build_engine
+    from spec_core.streaming.producer import build_engine
 
     if cfg.inference.cpu_threads is not None:  # as run_producer does: the same split as streaming
         torch.set_num_threads(cfg.inference.cpu_threads)
@@ -135,8 +132,8 @@ def _replay(
 ) -> None:
     from transformers import AutoConfig
 
-    from spec_core.engines.producer import run_producer
     from spec_core.models import capture_spec_for
+    from spec_core.streaming.producer import run_producer
     from spec_core.transfer.services import ServiceAddresses
 
     layers = int(AutoConfig.from_pretrained(target_dir).num_hidden_layers)
@@ -174,7 +171,7 @@ def _run_child(role: str, payload: dict, tmp: Path) -> None:
 def run_disk(
     cfg: Config, train_data: Path, target_dir: Path, vocab_map: str, tmp: Path
 ) -> tuple[float, float, int]:
-    from spec_core.engines.producer import make_plan
+    from spec_core.contracts.plan import BatchPlan
     from spec_core.training.job import TrainJob
     from spec_core.training.launcher import launch_training
     from spec_core.transfer.mooncake import spawn
@@ -193,7 +190,7 @@ def run_disk(
     print(f"disk: generated and saved in {generated - start:.1f}s", flush=True)
     import datasets
 
-    plan = make_plan(cfg, len(datasets.load_from_disk(str(train_data))))
+    plan = BatchPlan.from_config(cfg, len(datasets.load_from_disk(str(train_data)))).data_plan()
     with start_services(cfg.transfer, "disk", run_dir / "logs", plan=plan) as services:
         payload["services"] = services.addresses.to_dict()
         (tmp / "replay.json").write_text(json.dumps(payload))
@@ -235,7 +232,7 @@ def run_stream(
     cfg: Config, train_data: Path, target_dir: Path, vocab_map: str, tmp: Path
 ) -> tuple[float, int]:
     from spec_core.metrics import pipeline_perf, read_records, trainer_perf
-    from spec_core.streaming import run_streaming
+    from spec_core.streaming.run import run_streaming
     from spec_core.training.launcher import launch_training
 
     run_dir = tmp / "stream-run"
@@ -247,7 +244,7 @@ def run_stream(
         target_dir=target_dir,
         vocab_map=vocab_map,
         run_id="stream",
-        launch=lambda job: launch_training(job, 1, echo=False),
+        launch=lambda job, on_start: launch_training(job, 1, echo=False, on_start=on_start),
     )
     wall = time.monotonic() - start
     perf = pipeline_perf(

@@ -8,8 +8,9 @@
 ``orchestration.mode`` picks where the children run: ``local`` makes them subflows of this run,
 their processes started on this machine (the embedded default; Prefect's ephemeral server, nothing
 to start by hand); ``deployments`` creates runs of the generation and training deployments on
-their work pools. Either way this run owns the streaming services and stops them, and every
-process it started, on success, failure and cancellation.
+their work pools. Either way the children are supervised by the one streaming supervisor
+(``spec_core.streaming.supervisor.run_concurrently``), and this run owns the streaming services
+and stops them, and every process it started, on success, failure and cancellation.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.children import Child, deployment_child, local_child, run_concurrently
+from flows.children import deployment_child
 from flows.generate import hidden_state_generation
 from flows.publish import publish
 from flows.train import draft_training
 from spec_core.config import Config, config_to_dict, load_config, save_config
+from spec_core.contracts.plan import BatchPlan
 from spec_core.data.regenerate import RegenResult
 from spec_core.errors import SpecflowError
 from spec_core.metrics import pipeline_perf
 from spec_core.paths import RunPaths
-from spec_core.training.worker import total_steps_for
+from spec_core.streaming.supervisor import Child, coroutine_child, run_concurrently
 from spec_core.transfer.mooncake import free_port
 from spec_core.transfer.services import ServiceAddresses
 from tasks.data import (
@@ -98,14 +100,6 @@ async def name_this_run(run_id: str) -> None:
         await client.update_flow_run(get_run_context().flow_run.id, name=run_id)
 
 
-def samples_to_train(cfg: Config, num_train: int) -> int:
-    """Samples the configured steps consume (a num_steps run may stop before the data ends)."""
-    t = cfg.training
-    world = t.nproc_per_node * t.nnodes
-    batch = t.micro_batch_size * t.accumulation_steps * world
-    return total_steps_for(cfg, num_train, world) * batch
-
-
 def rendezvous(cfg: Config) -> Optional[str]:
     """torchrun's rendezvous for multi-node training: configured, or a free port on this host
     (valid when every trainer node runs here: local mode or a one-machine local stack)."""
@@ -149,11 +143,11 @@ async def start_children(
     ]
     if cfg.orchestration.mode == "local":
         producers = [
-            local_child(a["producer_id"], hidden_state_generation(**a, target_dir=target_dir))
+            coroutine_child(a["producer_id"], hidden_state_generation(**a, target_dir=target_dir))
             for a in producer_args
         ]
         trainers = [
-            local_child(
+            coroutine_child(
                 f"trainer-node-{a['node_rank']}", draft_training(**a, target_dir=target_dir)
             )
             for a in trainer_args
@@ -256,7 +250,10 @@ async def speculative_training(
     try:
         queue = ServiceAddresses.from_dict(services).connect_queue(cfg.transfer.connect_timeout_s)
         plan = queue.plan(cfg.transfer.connect_timeout_s)
-        needed = min(plan.num_samples * plan.num_epochs, samples_to_train(cfg, num_train))
+        needed = min(
+            plan.num_samples * plan.num_epochs,
+            BatchPlan.from_config(cfg, num_train).samples_to_train,
+        )
         progress = await acreate_progress_artifact(
             progress=0.0,
             key=GENERATION_PROGRESS_KEY,

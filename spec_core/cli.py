@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("spec_core.data.__main__", "normalize + tokenize a dataset (cached)"),
     "regenerate": ("spec_core.data.regenerate", "regenerate assistant turns with the target"),
     "vocab": ("spec_core.vocab", "build the draft vocabulary map and coverage report"),
-    "produce": ("spec_core.engines.producer", "run a hidden-state producer"),
+    "produce": ("spec_core.streaming.producer", "run a hidden-state producer"),
     "train": ("spec_core.training.launcher", "train a draft with torchrun"),
     "export": ("spec_core.export", "convert a checkpoint to a HuggingFace draft dir"),
     "evaluate": ("spec_core.evaluate", "measure real speculative-decoding acceptance"),

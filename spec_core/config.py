@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from spec_core.contracts.capture import check_capture_indices
 from spec_core.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
@@ -395,13 +396,8 @@ def _check_inference(cfg: Config) -> None:
             "'draft.last_hidden_prenorm' must be false with inference.engine vllm: the vLLM "
             "producer applies the target's final norm, so the wire carries post-norm states"
         )
-    if d.capture_indices:
-        indices = [int(k) for k in d.capture_indices]
-        if indices != sorted(set(indices)):
-            raise ConfigError(
-                f"'draft.capture_indices' {indices} must be strictly increasing: vLLM and SGLang "
-                "deliver aux states in ascending layer order"
-            )
+    if d.capture_indices:  # null or [] = the algorithm's default for the target
+        check_capture_indices(d.capture_indices)
 
 
 def _check_block_draft(d: DraftConfig) -> None:

@@ -1,8 +1,8 @@
 """``generate_hidden_states``: one producer process, owned by the task that started it.
 
-The producer is ``python -m spec_core.engines.producer --job <json>`` in its own process group: the
-task forwards its log lines to the Prefect run, stops it by PID if the task is cancelled or fails,
-and returns its ``ProducerStats``. A producer that dies takes only its unpublished claims with it
+The producer is ``python -m spec_core.streaming.producer --job <json>`` in its own process group:
+the task forwards its log lines to the Prefect run, stops it by PID if the task is cancelled or
+fails, and returns its ``ProducerStats``. A producer that dies takes only its unpublished claims with it
 (the key queue hands them to the others), so one failed producer does not fail the pipeline: the
 parent decides that. A producer that stopped on service trouble (exit code ``SERVICE_EXIT``) is
 retried with backoff; bad config or data is not.
@@ -11,8 +11,6 @@ retried with backoff; bad config or data is not.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,23 +18,11 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from spec_core.config import config_from_dict
-from spec_core.engines.producer import SERVICE_EXIT, ProducerJob, producer_argv
-from spec_core.errors import ServiceError, SpecflowError
+from spec_core.streaming.producer import ProducerJob, producer_argv, producer_outcome
 from spec_core.transfer.mooncake import spawn
 from spec_core.transfer.services import ServiceAddresses
 from tasks.processes import OWNED, LogTail
 from tasks.services import flow_run_id, transient_failure
-
-_ERROR = re.compile(r"^error: (.+)$")
-
-
-class ProducerError(SpecflowError):
-    """A producer process ended with a non-zero exit code."""
-
-
-def _error_line(log_text: str) -> str:
-    lines = [m.group(1) for line in log_text.splitlines() if (m := _ERROR.match(line.strip()))]
-    return lines[-1] if lines else ""
 
 
 @task(
@@ -84,12 +70,7 @@ async def generate_hidden_states(
         proc.stop()
         OWNED.discard(owner, proc)
         tail.pump(final=True)
-    code = proc.popen.returncode
-    if code != 0:
-        reason = _error_line(proc.log_tail(50)) or proc.log_tail(3) or "no output"
-        message = f"{producer_id} exited with code {code}: {reason} (log {proc.log_path})"
-        raise (ServiceError if code == SERVICE_EXIT else ProducerError)(message)
-    stats = json.loads(stats_path.read_text())
+    stats = producer_outcome(proc, stats_path)
     logger.info(
         "%s: %d samples in %.1fs (engine %.1fs, put %.1fs, budget wait %.1fs)",
         producer_id,

@@ -16,7 +16,7 @@ from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
 from spec_core.config import config_from_dict
-from spec_core.engines.producer import make_plan
+from spec_core.contracts.plan import BatchPlan
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.transfer.services import ServicesHandle
 from spec_core.transfer.services import start_services as start_streaming_services
@@ -54,7 +54,7 @@ def start_services(config: dict[str, Any], run_dir: str, num_train: int) -> dict
         cfg.transfer,
         run_id,
         Path(run_dir) / "logs" / "services",
-        plan=make_plan(cfg, num_train),
+        plan=BatchPlan.from_config(cfg, num_train).data_plan(),
         open_gate=not cfg.training.resume_from,
     )
     _RUNNING[run_id] = handle

@@ -18,10 +18,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
 from spec_core.config import config_from_dict
+from spec_core.contracts.plan import BatchPlan
 from spec_core.metrics import read_records, train_records, trainer_perf
 from spec_core.training.job import TrainJob
 from spec_core.training.launcher import launch_training
-from spec_core.training.worker import total_steps_for
 from tasks.processes import OWNED, LogTail, ProcessGroup
 from tasks.services import flow_run_id
 
@@ -55,7 +55,7 @@ async def train_draft(
         services=services,
         run_id=cfg.run.run_id or Path(run_dir).name,
     )
-    total = total_steps_for(cfg, int(data["report"]["train_samples"]), t.nproc_per_node * t.nnodes)
+    total = BatchPlan.from_config(cfg, int(data["report"]["train_samples"])).total_steps
     owner = flow_run_id()
     groups: list[ProcessGroup] = []
 

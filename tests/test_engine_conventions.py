@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from spec_core.config import load_config
+from spec_core.contracts.capture import capture_indices_from_hf, check_capture_indices
 from spec_core.engines.conventions import (
-    capture_indices_from_hf,
-    check_capture_indices,
     sglang_hook_targets,
     sglang_layer_ids,
     vllm_extract_plan,

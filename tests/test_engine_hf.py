@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from spec_core.engines.base import CaptureSpec, TokenizedSample
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import TokenizedSample
 from spec_core.engines.hf import HFEngine
 from spec_core.errors import ConfigError, DataError
 

@@ -22,8 +22,9 @@ import pytest
 import torch
 from torch import nn
 
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import TokenizedSample
 from spec_core.engines import sglang as sglang_engine
-from spec_core.engines.base import CaptureSpec, TokenizedSample
 from spec_core.engines.hf import HFEngine
 from spec_core.engines.sglang import SGLangEngine, forward_hook_specs, server_args
 from spec_core.errors import ConfigError, ServiceError

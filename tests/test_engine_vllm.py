@@ -24,8 +24,9 @@ from typing import Any, Optional
 import pytest
 import torch
 
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import TokenizedSample
 from spec_core.engines import handoff
-from spec_core.engines.base import CaptureSpec, TokenizedSample
 from spec_core.engines.conventions import vllm_extract_plan
 from spec_core.engines.hf import HFEngine
 from spec_core.engines.vllm import (

@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from spec_core.engines.base import CaptureSpec, TokenizedSample
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import TokenizedSample
 from spec_core.engines.hf import HFEngine
 
 pytestmark = pytest.mark.slow

@@ -44,7 +44,7 @@ def make_split(path: Path, n: int, seed: int = 0) -> Path:
 
 @pytest.mark.skipif(not VLLM_PYTHON, reason="set SPECFLOW_VLLM_PYTHON (make vllm-test)")
 def test_streaming_run_with_the_vllm_producer(tmp_path, smollm2_dir):
-    from spec_core.streaming import run_streaming
+    from spec_core.streaming.run import run_streaming
 
     cfg = load_config(
         None,

@@ -32,6 +32,7 @@ target:
   path: {target}
 draft:
   ttt_length: 2
+  capture_indices: [1, 2, 3]  # EAGLE-3's default (2, N//2, N-3) repeats layers on 4 layers
 vocab:
   draft_vocab_size: 1024
 inference:
@@ -173,7 +174,7 @@ def test_killed_producer_run_finishes_and_reuses_cached_data(
     killed: list[int] = []
 
     def kill_producer_0_once_samples_flow() -> None:
-        from spec_core.engines.producer import ProducerJob
+        from spec_core.streaming.producer import ProducerJob
         from spec_core.transfer.services import ServiceAddresses
 
         deadline = time.monotonic() + 300

@@ -148,7 +148,7 @@ def _start_producers(
     n: int,
     record: bool,
 ):
-    from spec_core.engines.producer import ProducerJob
+    from spec_core.streaming.producer import ProducerJob
 
     procs = []
     for i in range(n):
@@ -268,7 +268,7 @@ def _stream_config(extra: list[str] = ()) -> Config:
 
 
 def test_exactly_once_two_producers_two_trainer_ranks(tmp_path, tiny_target_dir, split_200):
-    from spec_core.streaming import run_streaming
+    from spec_core.streaming.run import run_streaming
 
     cfg = _stream_config()
     result = run_streaming(
@@ -299,7 +299,7 @@ def test_exactly_once_two_producers_two_trainer_ranks(tmp_path, tiny_target_dir,
 def test_producer_sigkill_mid_run_still_trains_every_sample_once(
     tmp_path, tiny_target_dir, split_200
 ):
-    from spec_core.streaming import run_streaming
+    from spec_core.streaming.run import run_streaming
 
     cfg = _stream_config(["transfer.claim_lease_s=2", "transfer.byte_budget_mb=2"])
     killed = {}
@@ -342,7 +342,7 @@ def test_producer_sigkill_mid_run_still_trains_every_sample_once(
 def test_resume_skips_acked_samples_and_loses_none(tmp_path, tiny_target_dir, split_200):
     """Stop after 10 steps (checkpoints at 5 and 10), resume from step 5 on fresh services: the
     samples acked in that checkpoint plus those the resumed run trains are the dataset, once."""
-    from spec_core.streaming import run_streaming
+    from spec_core.streaming.run import run_streaming
 
     first = run_streaming(
         _stream_config(["training.num_steps=10", "training.save_interval=5"]),
@@ -382,11 +382,9 @@ class _Recording:
         self.engine, self.spec, self.records = engine, engine.spec, {}
 
     def capture(self, samples):
-        from spec_core.engines.producer import sample_tensors
-
         out = self.engine.capture(samples)
         for cap in out:
-            for name, t in sample_tensors(cap).items():
+            for name, t in cap.tensors().items():
                 self.records[f"{cap.sample_id}/{name}"] = t.clone()
         return out
 
@@ -397,7 +395,7 @@ class _Recording:
 def _produce(job_path: str, record: str) -> int:
     from safetensors.torch import save_file
 
-    from spec_core.engines.producer import ProducerJob, build_engine, run_producer
+    from spec_core.streaming.producer import ProducerJob, build_engine, run_producer
 
     job = ProducerJob.load(job_path)
     cfg = config_from_dict(job.config)

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from spec_core.config import load_config
-from spec_core.engines.base import CapturedSample, CaptureSpec
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import CapturedSample
 from spec_core.engines.hf import HFEngine
 from spec_core.errors import DataError
 from spec_core.training.collate import collate, padding_sample

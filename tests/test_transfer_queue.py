@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from spec_core.contracts.plan import DataPlan
 from spec_core.errors import DataError, ServiceError
-from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, StopRequested, start_queue_server
+from spec_core.transfer.queue import Claim, KeyQueue, StopRequested, start_queue_server
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 
 N = 10

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from spec_core.config import Config
-from spec_core.engines.base import CaptureSpec, HiddenStateEngine
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.engines.base import HiddenStateEngine
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,44 +1,20 @@
-"""The narrow interface every hidden-state producer implements (HF, SGLang, vLLM).
+"""The narrow interface every hidden-state engine implements (HF, SGLang, vLLM).
 
-An engine turns tokenized samples into the tensors a draft trains on, in specflow's capture
-convention (DESIGN §3): capture index k is HF ``output_hidden_states[k]`` (k=0 embedding output,
-k in 1..N-1 the hidden state entering layer k), and the last hidden state is the final-norm output
-that ``lm_head`` sees. Engines translate to their own convention internally.
+An engine turns ``TokenizedSample``s into ``CapturedSample``s in specflow's capture convention
+(``spec_core.contracts.capture``, docs/architecture.md §capture-index); engines translate to their
+own convention internally (``spec_core.engines.conventions``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Optional
 
-import torch
-
+# MERGE-TODO: models/algorithm.py imports CaptureSpec from here until the merge; rewire it to
+# spec_core.contracts.capture (this import stays: the interface uses it).
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import CapturedSample, TokenizedSample
 from spec_core.errors import DataError
-
-
-@dataclass(frozen=True)
-class TokenizedSample:
-    sample_id: str
-    input_ids: list[int]
-    loss_mask: list[int]
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    capture_indices: tuple[int, ...]
-    with_last_hidden: bool
-    dtype: torch.dtype = torch.float32
-
-
-@dataclass
-class CapturedSample:
-    sample_id: str
-    input_ids: torch.Tensor  # [T] int64
-    loss_mask: torch.Tensor  # [T] uint8
-    aux_hidden: torch.Tensor  # [T, len(capture_indices) * H]
-    last_hidden: Optional[torch.Tensor]  # [T, H] post-norm, or None
 
 
 class HiddenStateEngine(ABC):

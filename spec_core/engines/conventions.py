@@ -1,7 +1,7 @@
-"""Capture-index translation between specflow and each engine: the one place that knows the ±1s.
+"""Capture-index translation from specflow's convention to each engine's: where the ±1s live.
 
-specflow's capture index k is HF ``output_hidden_states[k]``: k = 0 is the embedding output, k in
-1..N-1 is the residual stream entering decoder layer k (= the output of layer k-1). The engines:
+specflow's convention and its one validator are in ``spec_core.contracts.capture``
+(docs/architecture.md §capture-index). The engines:
 
 - vLLM: ``eagle_aux_hidden_state_layer_ids`` are capture indices verbatim (the model records the
   stream "before layer idx", and idx = N, after the last layer, is the pre-norm final state). vLLM
@@ -22,82 +22,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from spec_core.errors import ConfigError
+from spec_core.contracts.capture import check_capture_indices, post_layer_ids
 
-
-def check_capture_indices(capture: Sequence[int], num_layers: int) -> tuple[int, ...]:
-    """Capture indices every engine can deliver: non-empty, ascending, each in [0, N-1]."""
-    indices = tuple(int(k) for k in capture)
-    if not indices:
-        raise ConfigError("'draft.capture_indices' is empty; list at least one layer to capture")
-    bad = [k for k in indices if not 0 <= k < num_layers]
-    if bad:
-        raise ConfigError(
-            f"'draft.capture_indices' {list(indices)} invalid for a target with {num_layers} "
-            f"layers: each index must be in [0, {num_layers - 1}] (0 = embeddings, k = input of "
-            "layer k)"
-        )
-    if list(indices) != sorted(set(indices)):
-        raise ConfigError(
-            f"'draft.capture_indices' {list(indices)} must be strictly increasing: vLLM and SGLang "
-            "deliver aux states in ascending layer order, so a draft trained on another order "
-            "would be mis-wired when served"
-        )
-    return indices
-
-
-def _ascending(capture: Sequence[int]) -> list[int]:
-    indices = [int(k) for k in capture]
-    if list(indices) != sorted(set(indices)):
-        raise ConfigError(
-            f"capture indices {indices} must be strictly increasing (engines deliver aux states "
-            "in ascending layer order)"
-        )
-    return indices
+# isort: off
+# MERGE-TODO: re-export for models/export until the merge
+from spec_core.contracts.capture import capture_from_post_layer_ids, capture_indices_from_hf  # noqa: F401
+# isort: on
 
 
 def vllm_layer_ids(capture: Sequence[int]) -> list[int]:
     """vLLM's ``eagle_aux_hidden_state_layer_ids`` (draft config and extraction): = capture."""
-    return _ascending(capture)
-
-
-def post_layer_ids(capture: Sequence[int]) -> list[int]:
-    """Post-layer ids (output of layer i) = capture - 1: SGLang's ``eagle_config`` /
-    ``set_eagle3_layers_to_capture`` and DFlash/DSpark ``dflash_config.target_layer_ids``."""
-    indices = _ascending(capture)
-    bad = [k for k in indices if k < 1]
-    if bad:
-        raise ConfigError(
-            f"capture index {bad} (the embedding output) has no post-layer id; train with "
-            "'draft.capture_indices' >= 1"
-        )
-    return [k - 1 for k in indices]
-
-
-def capture_from_post_layer_ids(layer_ids: Sequence[int]) -> list[int]:
-    """Inverse of ``post_layer_ids``: reading a config written in the post-layer convention."""
-    return _ascending([int(i) + 1 for i in layer_ids])
+    return list(check_capture_indices(capture))
 
 
 def sglang_layer_ids(capture: Sequence[int]) -> list[int]:
     """SGLang's post-layer ids (``eagle_config`` / ``set_eagle3_layers_to_capture``): capture - 1."""
     return post_layer_ids(capture)
-
-
-def capture_indices_from_hf(config: dict[str, Any]) -> list[int]:
-    """Capture indices of an exported draft config: ours, else vLLM's top-level ids, else
-    SGLang's ``eagle_config`` ids + 1."""
-    ours = (config.get("specflow") or {}).get("capture_indices")
-    if ours:
-        return [int(k) for k in ours]
-    if config.get("eagle_aux_hidden_state_layer_ids"):
-        return [int(k) for k in config["eagle_aux_hidden_state_layer_ids"]]
-    eagle = config.get("eagle_config") or {}
-    if eagle.get("eagle_aux_hidden_state_layer_ids"):
-        return [int(k) + 1 for k in eagle["eagle_aux_hidden_state_layer_ids"]]
-    raise ConfigError("draft config has no aux-layer ids (specflow, top-level or eagle_config)")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from spec_core.engines.base import CapturedSample, CaptureSpec, HiddenStateEngine, TokenizedSample
+from spec_core.contracts.capture import CaptureSpec, check_capture_indices
+from spec_core.contracts.samples import CapturedSample, TokenizedSample
+from spec_core.engines.base import HiddenStateEngine
 from spec_core.errors import ConfigError, DataError
 
 
@@ -52,13 +54,7 @@ class HFEngine(HiddenStateEngine):
         self.model = AutoModel.from_pretrained(str(target_dir), dtype=model_dtype)
         self.model.to(self.device).eval()
         num_layers = int(self.model.config.num_hidden_layers)
-        bad = [k for k in spec.capture_indices if not 0 <= k < num_layers]
-        if bad or not spec.capture_indices:
-            raise ConfigError(
-                f"'draft.capture_indices' {list(spec.capture_indices)} invalid for a target with "
-                f"{num_layers} layers: each index must be in [0, {num_layers - 1}] "
-                "(0 = embeddings, k = input of layer k)"
-            )
+        check_capture_indices(spec.capture_indices, num_layers)
         self.hidden_size = int(self.model.config.hidden_size)
         self.num_layers = num_layers
         self.pad_id = int(self.model.config.pad_token_id or 0)

@@ -36,13 +36,9 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.engines.base import (
-    CapturedSample,
-    CaptureSpec,
-    HiddenStateEngine,
-    TokenizedSample,
-    check_prefill_batch,
-)
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import CapturedSample, TokenizedSample
+from spec_core.engines.base import HiddenStateEngine, check_prefill_batch
 from spec_core.engines.conventions import sglang_hook_targets
 from spec_core.engines.handoff import bundle_names, make_handoff_dir, read_bundle, write_bundle
 from spec_core.errors import ConfigError, ServiceError

@@ -35,13 +35,9 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.engines.base import (
-    CapturedSample,
-    CaptureSpec,
-    HiddenStateEngine,
-    TokenizedSample,
-    check_prefill_batch,
-)
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.samples import CapturedSample, TokenizedSample
+from spec_core.engines.base import HiddenStateEngine, check_prefill_batch
 from spec_core.engines.conventions import VllmExtractPlan, vllm_extract_plan
 from spec_core.engines.handoff import make_handoff_dir, read_bundle, write_bundle
 from spec_core.errors import ConfigError, ServiceError

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from spec_core.engines.base import CapturedSample
+from spec_core.contracts.samples import Batch, CapturedSample
 from spec_core.errors import DataError
-from spec_core.training.sources import Batch, SampleSpec
+from spec_core.training.sources import SampleSpec
 
 
 def padding_sample(spec: SampleSpec, length: int) -> CapturedSample:

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.engines.base import HiddenStateEngine, TokenizedSample
+from spec_core.contracts.samples import TokenizedSample
+from spec_core.engines.base import HiddenStateEngine
 from spec_core.errors import DataError
 from spec_core.training.collate import collate, padding_sample
 from spec_core.training.sources import SampleSource, SampleSpec, StepData

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
+
+# MERGE-TODO: models/algorithm.py imports Batch from here until the merge; rewire it to
+# spec_core.contracts.samples (this import stays: StepData uses it).
+from spec_core.contracts.samples import Batch
 
 
 @dataclass(frozen=True)
@@ -23,35 +27,6 @@ class SampleSpec:
     hidden_dim: int  # target hidden size
     with_last_hidden: bool
     dtype: torch.dtype = torch.float32
-
-
-@dataclass
-class Batch:
-    sample_ids: list[str]  # "" marks a padding sample
-    input_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor  # [B, T] bool, True for real tokens
-    loss_mask: torch.Tensor  # [B, T] uint8, 1 = supervised
-    aux_hidden: torch.Tensor  # [B, T, aux_dim]
-    last_hidden: Optional[torch.Tensor] = None  # [B, T, hidden_dim]
-    data_wait_s: float = 0.0  # time spent waiting for this batch's data
-
-    @property
-    def num_real(self) -> int:
-        return sum(1 for s in self.sample_ids if s)
-
-    def to(self, device: torch.device | str) -> Batch:
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return Batch(
-            sample_ids=self.sample_ids,
-            input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask),
-            loss_mask=move(self.loss_mask),
-            aux_hidden=move(self.aux_hidden),
-            last_hidden=move(self.last_hidden),
-            data_wait_s=self.data_wait_s,
-        )
 
 
 @dataclass

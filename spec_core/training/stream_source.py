@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from typing import Any, Optional
 
 from spec_core.config import TransferConfig
-from spec_core.engines.base import CapturedSample
+from spec_core.contracts.samples import CapturedSample, tensor_names
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.training.collate import collate, padding_sample
 from spec_core.training.job import TrainJob
@@ -98,9 +98,7 @@ class StreamSource(SampleSource):
     # ---- prefetch thread ------------------------------------------------------------------------
 
     def _prefetch(self) -> None:
-        names = ["input_ids", "loss_mask", "aux_hidden"] + (
-            ["last_hidden"] if self.spec.with_last_hidden else []
-        )
+        names = tensor_names(self.spec.with_last_hidden)
         delay = 0.005
         try:
             while not self._stop.is_set():
@@ -129,13 +127,12 @@ class StreamSource(SampleSource):
         except BaseException as exc:  # surfaced to the trainer by next_step
             self._error = exc
 
-    def _fetch(self, ref: SampleRef, names: list[str]) -> Optional[CapturedSample]:
-        metas = [ref.tensors[n] for n in names if n in ref.tensors]
+    def _fetch(self, ref: SampleRef, names: tuple[str, ...]) -> Optional[CapturedSample]:
+        present = [n for n in names if n in ref.tensors]
+        metas = [ref.tensors[n] for n in present]
         t0 = time.monotonic()
         try:
-            tensors = dict(
-                zip([n for n in names if n in ref.tensors], self.store.get(metas), strict=True)
-            )
+            tensors = dict(zip(present, self.store.get(metas), strict=True))
         except MissingDataError as exc:
             # The data went away (its holder died or it was evicted): hand the id back for
             # re-production instead of training on nothing or failing the run.
@@ -148,13 +145,7 @@ class StreamSource(SampleSource):
         self.stats["fetch_s"] += time.monotonic() - t0
         self.stats["fetched"] += 1
         self.stats["fetched_bytes"] += sum(m.nbytes for m in metas)
-        return CapturedSample(
-            sample_id=ref.sample_id,
-            input_ids=tensors["input_ids"],
-            loss_mask=tensors["loss_mask"],
-            aux_hidden=tensors["aux_hidden"],
-            last_hidden=tensors.get("last_hidden"),
-        )
+        return CapturedSample.from_tensors(ref.sample_id, tensors)
 
     # ---- SampleSource ---------------------------------------------------------------------------
 

@@ -28,13 +28,14 @@ import torch.distributed as dist
 from torch import nn
 
 from spec_core.config import Config
+from spec_core.contracts.samples import Batch
 from spec_core.models.algorithm import Objective, get_algorithm
 from spec_core.models.losses import TargetProjection
 from spec_core.training.checkpoint import Checkpointer
 from spec_core.training.fsdp import DistInfo, all_reduce, set_gradient_sync
 from spec_core.training.metrics_log import MetricsWriter
 from spec_core.training.optim import clip_gradients
-from spec_core.training.sources import Batch, SampleSource, StepData
+from spec_core.training.sources import SampleSource, StepData
 
 log = logging.getLogger(__name__)
 

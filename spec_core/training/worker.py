@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from spec_core.config import Config
+from spec_core.contracts.capture import CaptureSpec
+from spec_core.contracts.plan import BatchPlan
 from spec_core.errors import ConfigError, SpecflowError
 from spec_core.models.algorithm import get_algorithm
 from spec_core.models.losses import TargetProjection
@@ -62,16 +63,7 @@ def sample_spec(dcfg: Any, cfg: Config) -> SampleSpec:
     )
 
 
-def total_steps_for(cfg: Config, num_train: int, world_size: int) -> int:
-    t = cfg.training
-    if t.num_steps is not None:
-        return t.num_steps
-    global_batch = t.micro_batch_size * t.accumulation_steps * world_size
-    return t.num_epochs * math.ceil(num_train / global_batch)
-
-
 def _engine(job: TrainJob, cfg: Config, dcfg: Any, info: DistInfo):
-    from spec_core.engines.base import CaptureSpec
     from spec_core.engines.hf import HFEngine
 
     spec = CaptureSpec(
@@ -193,7 +185,7 @@ def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.training)
     spec = sample_spec(dcfg, cfg)
     source, eval_factory, num_train = build_sources(job, cfg, dcfg, info, spec)
-    total = total_steps_for(cfg, num_train, info.world_size)
+    total = BatchPlan.from_config(cfg, num_train, info.world_size).total_steps
     scheduler = build_scheduler(optimizer, cfg.training, total)
     checkpointer = Checkpointer(
         job.checkpoint_dir, info.rank, info.world_size, cfg.training.max_checkpoints

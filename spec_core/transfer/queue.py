@@ -38,7 +38,6 @@ or a stop request, so nothing can hang past ``transfer.pop_timeout_s``.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -48,49 +47,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
+from spec_core.contracts.plan import DataPlan
 from spec_core.errors import DataError, ServiceError
 from spec_core.transfer.records import SampleRef
 
 log = logging.getLogger(__name__)
 
 _POLL_MIN_S, _POLL_MAX_S = 0.005, 0.05
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    num_samples: int
-    num_epochs: int
-    seed: int
-    num_ranks: int = 1  # trainer data-parallel ranks the refs are dealt to
-
-    def order(self, epoch: int) -> list[int]:
-        """Epoch ``epoch``'s shuffled sample indices: the same on every machine."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g).tolist()
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "num_samples": self.num_samples,
-                "num_epochs": self.num_epochs,
-                "seed": self.seed,
-                "num_ranks": self.num_ranks,
-            },
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> DataPlan:
-        data = json.loads(raw)
-        return cls(
-            int(data["num_samples"]),
-            int(data["num_epochs"]),
-            int(data["seed"]),
-            int(data.get("num_ranks", 1)),
-        )
 
 
 class StopRequested(Exception):

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from spec_core.contracts.samples import TENSOR_NAMES
 from spec_core.errors import ServiceError
 
-# Tensor names a sample may carry. input_ids/loss_mask always; aux_hidden for every algorithm;
-# last_hidden only when the loss needs target logits (eagle3, dspark with l1/confidence terms).
-TENSOR_NAMES = ("input_ids", "loss_mask", "aux_hidden", "last_hidden")
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "uint8": 1}
 
 

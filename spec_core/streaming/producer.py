@@ -1,7 +1,7 @@
 """A hidden-state producer: claim -> engine -> put -> publish, until every sample is trained.
 
-One producer per process (``python -m spec_core.engines.producer --job job.json``) or per Prefect
-flow run (``run_producer``). Any number of them, on any machines, share one run through the key
+One producer per process (``python -m spec_core.streaming.producer --job job.json``), started by
+``run_streaming`` or a Prefect ``hidden_state_generation`` run. Any number of them, on any machines, share one run through the key
 queue; each claims a batch of samples, runs the target, puts the tensors into Mooncake and
 publishes a ``SampleRef``. It waits (counted as ``budget_wait_s``) whenever the byte budget is used
 up, and stays until every epoch is *finished* (trained, skipped or dropped), re-producing samples
@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -26,29 +26,17 @@ from typing import Any, Optional
 import torch
 
 from spec_core.config import Config, config_from_dict, config_to_dict
-from spec_core.engines.base import CapturedSample, HiddenStateEngine, TokenizedSample
+from spec_core.contracts.plan import BatchPlan
+from spec_core.contracts.samples import TENSOR_NAMES, TokenizedSample
+from spec_core.engines.base import HiddenStateEngine
 from spec_core.errors import ConfigError, DataError, ServiceError, SpecflowError
 from spec_core.models.algorithm import capture_spec_for
-from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, StopRequested
+from spec_core.transfer.mooncake import ManagedProcess
+from spec_core.transfer.queue import Claim, KeyQueue, StopRequested
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 from spec_core.transfer.services import ServiceAddresses
 
 log = logging.getLogger(__name__)
-
-
-def make_plan(cfg: Config, num_samples: int) -> DataPlan:
-    """Epochs to produce: ``training.num_epochs``, or enough for ``training.num_steps``."""
-    t = cfg.training
-    epochs = t.num_epochs
-    if t.num_steps is not None:
-        per_step = t.micro_batch_size * t.accumulation_steps * t.nproc_per_node * t.nnodes
-        epochs = max(1, math.ceil(t.num_steps * per_step / max(num_samples, 1)))
-    return DataPlan(
-        num_samples=num_samples,
-        num_epochs=epochs,
-        seed=t.seed,
-        num_ranks=t.nproc_per_node * t.nnodes,
-    )
 
 
 @dataclass
@@ -127,17 +115,6 @@ def _bad_sample_reason(s: TokenizedSample, vocab_size: Optional[int]) -> Optiona
     return None
 
 
-def sample_tensors(captured: CapturedSample) -> dict[str, torch.Tensor]:
-    tensors = {
-        "input_ids": captured.input_ids.to(torch.int64),
-        "loss_mask": captured.loss_mask.to(torch.uint8),
-        "aux_hidden": captured.aux_hidden,
-    }
-    if captured.last_hidden is not None:
-        tensors["last_hidden"] = captured.last_hidden
-    return tensors
-
-
 def make_ref(run: str, claim: Claim, producer: str, tensors: dict[str, torch.Tensor]) -> SampleRef:
     metas = {
         name: TensorMeta(
@@ -151,8 +128,6 @@ def make_ref(run: str, claim: Claim, producer: str, tensors: dict[str, torch.Ten
 
 
 def attempt_keys(run: str, claim: Claim) -> list[str]:
-    from spec_core.transfer.records import TENSOR_NAMES
-
     return [tensor_key(run, claim.epoch, claim.sample_id, n, claim.attempt) for n in TENSOR_NAMES]
 
 
@@ -184,7 +159,7 @@ def run_producer(
     stats = ProducerStats(producer=producer_id)
     data = _Dataset(Path(train_data))
     queue = addresses.connect_queue(t.connect_timeout_s)
-    plan = queue.set_plan(make_plan(cfg, len(data)))
+    plan = queue.set_plan(BatchPlan.from_config(cfg, len(data)).data_plan())
     orders: dict[int, list[int]] = {}
 
     def sample_id_of(epoch: int, pos: int) -> str:
@@ -312,7 +287,7 @@ def _produce(
     captured = engine.capture([s for _, s in todo])
     stats.engine_s += time.monotonic() - t0
     for (claim, sample), cap in zip(todo, captured, strict=True):
-        tensors = sample_tensors(cap)
+        tensors = cap.tensors()
         ref = make_ref(run, claim, producer, tensors)
         stats.budget_wait_s += queue.reserve(claim, ref.nbytes, queue.stop_requested)
         t0 = time.monotonic()
@@ -344,12 +319,12 @@ def producer_argv(cfg: Config, job_path: str | Path) -> list[str]:
             f"'inference.python' {python} is not an executable file on this host; point it at the "
             "python of the venv that has the engine installed (e.g. .venv-vllm/bin/python)"
         )
-    return [python, "-m", "spec_core.engines.producer", "--job", str(job_path)]
+    return [python, "-m", "spec_core.streaming.producer", "--job", str(job_path)]
 
 
 @dataclass
 class ProducerJob:
-    """Everything ``python -m spec_core.engines.producer`` needs, as JSON (no pickle)."""
+    """Everything ``python -m spec_core.streaming.producer`` needs, as JSON (no pickle)."""
 
     config: dict[str, Any]
     services: dict[str, Any]
@@ -381,6 +356,27 @@ class ProducerJob:
 
 
 SERVICE_EXIT = 3  # exit code for ServiceError; 2 = bad config or data (not worth a retry)
+_ERROR_LINE = re.compile(r"^error: (.+)$")
+
+
+class ProducerError(SpecflowError):
+    """A producer process ended with a non-zero exit code (other than ``SERVICE_EXIT``)."""
+
+
+def producer_outcome(proc: ManagedProcess, stats_path: Path) -> dict[str, Any]:
+    """The stats of a producer process that has exited, or its error: ``ServiceError`` (worth a
+    retry) for ``SERVICE_EXIT``, ``ProducerError`` for any other failure."""
+    code = proc.popen.returncode
+    if code != 0:
+        errors = [
+            m.group(1)
+            for ln in proc.log_tail(50).splitlines()
+            if (m := _ERROR_LINE.match(ln.strip()))
+        ]
+        reason = (errors[-1] if errors else proc.log_tail(3)) or "no output"
+        message = f"{proc.name} exited with code {code}: {reason} (log {proc.log_path})"
+        raise (ServiceError if code == SERVICE_EXIT else ProducerError)(message)
+    return json.loads(stats_path.read_text())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
