@@ -28,7 +28,7 @@ import torch
 from spec_core.config import Config, config_from_dict, config_to_dict
 from spec_core.engines.base import CapturedSample, HiddenStateEngine, TokenizedSample
 from spec_core.errors import ConfigError, DataError, ServiceError, SpecflowError
-from spec_core.models.algorithm import capture_spec_for
+from spec_core.models import capture_spec_for
 from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, StopRequested
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 from spec_core.transfer.services import ServiceAddresses

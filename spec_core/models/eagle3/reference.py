@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spec_core.models.attention import apply_rope
-from spec_core.models.eagle3 import Eagle3Draft
-from spec_core.models.losses import NUM_METRICS, label_rows, step_valid
+from spec_core.models.common.layers import apply_rope
+from spec_core.models.eagle3.losses import NUM_METRICS, label_rows, step_valid
+from spec_core.models.eagle3.model import Eagle3Draft
 
 
 def _dense_ttt_attention(q: torch.Tensor, keys: list, values: list) -> torch.Tensor:
