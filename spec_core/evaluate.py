@@ -242,7 +242,7 @@ def load_proposer(
     target_dir: str | Path,
     embedding_key: str = "model.embed_tokens.weight",
 ) -> Proposer:
-    """The exported draft, loaded back as the engines see it, wrapped in its algorithm's proposer."""
+    """The exported draft, loaded back as the engines see it, in its algorithm's proposer."""
     algorithm = algorithm_of(hf_dir)
     draft = algorithm.load_export(hf_dir, target_dir, embedding_key)
     return algorithm.proposer(draft, target.config)

@@ -545,7 +545,9 @@ def test_presets_select_model_loss_and_captures(preset, algorithm, last_hidden, 
 @pytest.mark.parametrize("algorithm", ["dflash", "dspark"])
 def test_evaluation_without_a_proposer_fails_at_config_load(algorithm):
     overrides = [f"draft.algorithm={algorithm}", "vocab.draft_vocab_size=null"]
-    with pytest.raises(ConfigError, match="set evaluation.enabled=false and registry.enabled=false"):
+    with pytest.raises(
+        ConfigError, match="set evaluation.enabled=false and registry.enabled=false"
+    ):
         load_config(None, overrides)
     cfg = load_config(None, [*overrides, "evaluation.enabled=false", "registry.enabled=false"])
     assert cfg.draft.algorithm == algorithm

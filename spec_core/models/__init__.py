@@ -17,7 +17,8 @@ from spec_core.models.common.config import config_file, read_config_json
 from spec_core.models.eagle3.algorithm import Eagle3Algorithm
 
 ALGORITHMS: dict[str, DraftAlgorithm] = {
-    algo.name: algo for algo in (Eagle3Algorithm(), BlockAlgorithm("dflash"), BlockAlgorithm("dspark"))
+    algo.name: algo
+    for algo in (Eagle3Algorithm(), BlockAlgorithm("dflash"), BlockAlgorithm("dspark"))
 }
 
 

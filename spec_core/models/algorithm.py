@@ -89,7 +89,9 @@ class Proposer(ABC):
         """Forget the previous prompt."""
 
     @abstractmethod
-    def propose(self, seq: Sequence[int], hidden_states: Sequence[torch.Tensor], k: int) -> list[int]:
+    def propose(
+        self, seq: Sequence[int], hidden_states: Sequence[torch.Tensor], k: int
+    ) -> list[int]:
         """``k`` draft tokens continuing ``seq``."""
 
 

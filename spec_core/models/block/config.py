@@ -44,7 +44,8 @@ class BlockDraftConfig(DraftConfigBase):
     vocab_size: int
     target_hidden_size: int
     target_num_hidden_layers: int
-    capture_indices: list[int]  # DESIGN §3 convention; exported as post-layer ids (-1)
+    # docs/architecture.md §capture-index convention; exported as post-layer ids (-1)
+    capture_indices: list[int]
     block_size: int
     mask_token_id: int
     rms_norm_eps: float = 1e-6
@@ -228,7 +229,6 @@ class BlockDraftConfig(DraftConfigBase):
         )
 
 
-
 def default_layer_ids(num_layers: int, count: int) -> list[int]:
     """Post-layer ids spread over the target: round(1 + i (N-4)/(n-1)), i.e. 1 .. N-3
     (Python rounding, as the DFlash reference and the engines compute their defaults)."""
@@ -250,7 +250,8 @@ def default_layer_ids(num_layers: int, count: int) -> list[int]:
 
 
 def default_capture_indices(num_layers: int, count: int) -> tuple[int, ...]:
-    """DESIGN §3 capture indices (input of layer k = output of layer k-1) of the default spread."""
+    """The default spread as capture indices (input of layer k = output of layer k-1;
+    docs/architecture.md §capture-index)."""
     return tuple(k + 1 for k in default_layer_ids(num_layers, count))
 
 

@@ -1,16 +1,18 @@
-"""DFlash: a multi-layer Qwen3-style block drafter over fused target features (torchspec.md §7.1).
+"""DFlash: a multi-layer Qwen3-style block drafter over fused target features.
 
 The draft proposes a whole block in one forward: slot 0 holds the last verified token (the
 anchor), slots 1..S-1 a MASK token, and slot k is trained toward the token at anchor + k. Its
 inputs are the target's hidden states at ``len(capture_indices)`` layers spread over the depth
-(``round(1 + i (N-4)/(n-1))`` post-layer, i.e. capture index + 1 in DESIGN §3's convention), fused
+(``round(1 + i (N-4)/(n-1))`` post-layer, i.e. capture index + 1; docs/architecture.md
+§capture-index), fused
 by ``fc`` + ``hidden_norm`` into a context. Attention is dual-source: queries come from the block
 rows, keys/values from [projected context ; block rows] with shared projections, K-norm after the
 concat, RoPE at context positions 0..T-1 and block positions anchor + slot. The target's embedding
 and ``lm_head`` are frozen and shared (the drafter has the target's hidden size); the loss is
 hard-label CE with exponential slot decay (``block_losses``).
 
-Parameter names are the z-lab / SpecForge HF names (anchors.md §5.5): ``fc.weight``,
+Parameter names are the z-lab / SpecForge HF names (docs/architecture.md §export-format):
+``fc.weight``,
 ``hidden_norm.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
 ``layers.{i}.self_attn.{q,k}_norm.weight``, ``layers.{i}.mlp.{gate,up,down}_proj.weight``,
 ``layers.{i}.{input,post_attention}_layernorm.weight``, ``norm.weight``; ``embed_tokens.weight``

@@ -1,4 +1,4 @@
-"""DSpark: the DFlash backbone plus a Markov head and a confidence head (torchspec.md §7.2).
+"""DSpark: the DFlash backbone plus a Markov head and a confidence head.
 
 Differences from DFlash (``dflash.py``):
 

@@ -86,7 +86,9 @@ def check_config(raw: dict[str, Any], where: str, require: Require) -> BlockDraf
     return config
 
 
-def check_against_target(config: BlockDraftConfig, target: dict[str, Any], require: Require) -> None:
+def check_against_target(
+    config: BlockDraftConfig, target: dict[str, Any], require: Require
+) -> None:
     """The drafter reuses the target's embedding and lm_head, and names its layer count."""
     require(
         int(target["hidden_size"]) == config.hidden_size,

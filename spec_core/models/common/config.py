@@ -21,7 +21,8 @@ Self = TypeVar("Self", bound="DraftConfigBase")
 
 
 class DraftConfigBase:
-    """Mixin of the draft config dataclasses: ``save``/``load`` over ``to_hf_dict``/``from_hf_dict``."""
+    """Base of the draft config dataclasses: ``save``/``load`` over ``to_hf_dict`` and
+    ``from_hf_dict``."""
 
     capture_indices: Any
     vocab_size: int

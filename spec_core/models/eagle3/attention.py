@@ -4,7 +4,7 @@ Layout: token-major ``[..., N, heads, head_dim]`` everywhere, so the same layer 
 ``[B, T]`` block (TTT step 0, decoding) and on a packed ``[n]`` list of rows (TTT steps >= 1, which
 only visit positions that still lead to a supervised label).
 
-TTT pattern (torchspec.md §6.3): at unroll step k the query at position t attends to
+TTT pattern: at unroll step k the query at position t attends to
   (a) step-0 keys at positions 0..t of its own sequence (the prefix built from target features), and
   (b) its own diagonal entry of every step 1..k (the draft's previous guesses at this position,
       itself included),

@@ -113,9 +113,9 @@ class Eagle3Config(DraftConfigBase):
         )
 
 
-
 def default_capture_indices(num_layers: int) -> tuple[int, ...]:
-    """DESIGN §3: capture index k = HF ``output_hidden_states[k]``; EAGLE-3 uses (2, N//2, N-3)."""
+    """EAGLE-3's default capture indices (2, N//2, N-3); capture index k = HF
+    ``output_hidden_states[k]`` (docs/architecture.md §capture-index)."""
     if num_layers < 4:
         raise ConfigError(
             f"the target has {num_layers} layers; EAGLE-3's default capture indices (2, N//2, N-3) "

@@ -36,6 +36,7 @@ from spec_core.models.eagle3.config import ARCHITECTURE, Eagle3Config
 VOCAB_KEYS = ("d2t", "t2d")
 Require = Callable[[bool, str, str], None]
 
+
 def post_prune(
     config: Eagle3Config, state: dict[str, torch.Tensor], d2t: torch.Tensor, t2d: torch.Tensor
 ) -> tuple[Eagle3Config, dict[str, torch.Tensor]]:
@@ -150,14 +151,17 @@ def _attach_training_vocab(
         vmap = load_vocab_map(vocab_map_file)
         for key, value in (("d2t", vmap.d2t), ("t2d", vmap.t2d)):
             if key in state and not torch.equal(state[key].to(value.dtype), value):
-                raise ExportError(f"{source}: {key} in the weights differs from vocab_map.safetensors")
+                raise ExportError(
+                    f"{source}: {key} in the weights differs from vocab_map.safetensors"
+                )
             state.setdefault(key, value)
     state["d2t"] = state["d2t"].to(torch.int64)
     state["t2d"] = state["t2d"].to(torch.bool)
 
 
 def expected_shapes(config: Eagle3Config) -> dict[str, tuple[int, ...]]:
-    """Every weight of a one-layer EAGLE-3 draft and its shape (anchors §5.1)."""
+    """Every weight of a one-layer EAGLE-3 draft and its shape (docs/architecture.md
+    §export-format)."""
     h, inter = config.hidden_size, config.intermediate_size
     q_dim = config.num_attention_heads * config.head_dim
     kv_dim = config.num_key_value_heads * config.head_dim
@@ -179,7 +183,8 @@ def expected_shapes(config: Eagle3Config) -> dict[str, tuple[int, ...]]:
 
 
 def speculators_config(hf_config: dict[str, Any], verifier: str, num_tokens: int = 3) -> dict:
-    """vLLM's self-describing speculators config (anchors §5.3) for a native EAGLE-3 config."""
+    """vLLM's self-describing speculators config for a native EAGLE-3 config
+    (docs/architecture.md §export-format)."""
     layer = {
         k: v
         for k, v in hf_config.items()
@@ -264,7 +269,9 @@ def check_tensors(
     if not config.pruned:
         return
     require(
-        all(k in tensors for k in VOCAB_KEYS), "vocab_map_present", "a pruned draft needs d2t and t2d"
+        all(k in tensors for k in VOCAB_KEYS),
+        "vocab_map_present",
+        "a pruned draft needs d2t and t2d",
     )
     require(
         tuple(tensors["d2t"].shape) == (config.draft_vocab_size,),
@@ -315,7 +322,10 @@ def load_export(
     from spec_core.models.eagle3.model import Eagle3Draft
 
     raw = read_config_json(hf_dir)
-    raw["specflow"] = {**(raw.get("specflow") or {}), "capture_indices": capture_indices_from_hf(raw)}
+    raw["specflow"] = {
+        **(raw.get("specflow") or {}),
+        "capture_indices": capture_indices_from_hf(raw),
+    }
     config = Eagle3Config.from_hf_dict(raw, str(hf_dir))
     tensors = load_file(str(hf_dir / WEIGHTS_FILE))
     if EMBED_KEY not in tensors:

@@ -1,8 +1,8 @@
 """EAGLE-3 alignment, the chunked soft-label loss, and its metrics.
 
-Alignment (DESIGN §3): for a sequence x_0..x_{T-1}, TTT step k at position t feeds embed(x_{t+1+k})
-and is trained toward softmax(z_{t+1+k}) = the target's distribution of x_{t+2+k}; it counts iff
-x_{t+2+k} exists and is supervised. "Target row" u = t+1+k is the position whose last hidden state
+Alignment (docs/architecture.md §training-alignment): for a sequence x_0..x_{T-1}, TTT step k at
+position t feeds embed(x_{t+1+k}) and is trained toward softmax(z_{t+1+k}) = the target's
+distribution of x_{t+2+k}; it counts iff x_{t+2+k} exists and is supervised. "Target row" u = t+1+k is the position whose last hidden state
 gives that distribution, so one target row serves up to K (step, position) pairs: target
 probabilities are computed once per row and reused by every step that needs them.
 

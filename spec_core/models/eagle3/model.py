@@ -1,6 +1,7 @@
 """The EAGLE-3 draft: one Llama decoder layer over [norm(embedding) ‖ norm(hidden)].
 
-Module and parameter names are the HF export names (anchors.md §5.1), so exporting is a plain
+Module and parameter names are the HF export names (docs/architecture.md §export-format), so
+exporting is a plain
 state-dict save: ``embed_tokens.weight`` (frozen target embedding), ``fc.weight``,
 ``midlayer.self_attn.{q,k,v,o}_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``,
 ``midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight``, ``norm.weight``,
