@@ -147,7 +147,7 @@ def main() -> int:
     from spec_core.contracts.capture import CaptureSpec
     from spec_core.engines import build_engine
     from spec_core.engines.hf import HFEngine
-    from spec_core.models.target import read_target_config
+    from spec_core.models.common.target import read_target_config
 
     on_gpu = torch.cuda.is_available()
     mem_fraction = args.mem_fraction or (0.5 if on_gpu else 0.25)  # CPU: share of the NUMA node

@@ -2,7 +2,7 @@
 
 Shapes are SmolLM2-135M's (H 576, 9/3 heads, head_dim 64, MLP 1536, target vocab 49,152), fp32,
 TTT 7, draft vocab 8,192 (the embedded default). One step = TTT forward + loss + backward + AdamW.
-"naive" is ``spec_core.models.reference`` (TorchSpec's SDPA-path structure: every step on every
+"naive" is ``spec_core.models.eagle3.reference`` (TorchSpec's SDPA-path structure: every step on every
 position, explicit attention scores, target and draft logits materialized over [B, T, V]).
 Timing: ours and naive alternate step by step in one subprocess per shape (background load on
 these shared 2 cores hits both alike), best of 3 after a warm-up. Memory: one fresh subprocess
@@ -64,10 +64,11 @@ def build(bsz: int, length: int, draft_vocab: int):
     import torch
 
     from spec_core.config import DraftConfig
-    from spec_core.models.draft_config import derive_eagle3_config
-    from spec_core.models.eagle3 import Eagle3Draft
-    from spec_core.models.losses import TargetProjection, pooled_scales, supervised_counts
-    from spec_core.models.reference import reference_loss
+    from spec_core.models.common.target import TargetProjection
+    from spec_core.models.eagle3.config import derive_eagle3_config
+    from spec_core.models.eagle3.losses import pooled_scales, supervised_counts
+    from spec_core.models.eagle3.model import Eagle3Draft
+    from spec_core.models.eagle3.reference import reference_loss
 
     torch.manual_seed(0)
     cfg = derive_eagle3_config(SMOLLM2, DraftConfig(ttt_length=TTT), draft_vocab)

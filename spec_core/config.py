@@ -355,6 +355,11 @@ def _check_consistency(cfg: Config) -> None:
             )
         if d.block_size < 2:
             raise ConfigError(f"'draft.block_size' must be >= 2, got {d.block_size}")
+        if cfg.evaluation.enabled:  # no speculative-decoding proposer for block drafts yet
+            raise ConfigError(
+                f"'evaluation.enabled' needs a proposer, which draft.algorithm {d.algorithm} has "
+                "not; set evaluation.enabled=false and registry.enabled=false"
+            )
         _check_block_draft(d)
     if v.draft_vocab_size is not None and v.draft_vocab_size <= 0:
         raise ConfigError(

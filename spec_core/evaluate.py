@@ -1,15 +1,15 @@
 """Real speculative decoding with the HF target and an exported draft: tau, alpha_k, losslessness.
 
 The draft is loaded back from its HF export dir (what the engines load), never from trainer
-objects. Chain drafting, greedy verification, batch size 1, fp32 on CPU:
+objects, by its algorithm (``algorithm_of`` the dir), which also supplies the ``Proposer`` that
+drafts (EAGLE-3: chain drafting). Greedy verification, batch size 1, fp32 on CPU:
 
 * prefill: the target runs the prompt x_0..x_{P-1} and emits x_P (greedy);
-* round: the draft runs its step 0 on every position whose target features it has not consumed
-  yet (feature f_t with embed(x_{t+1}), DESIGN §3 alignment) and chains k-1 more steps on its own
-  outputs, proposing d_1..d_k; the target verifies [x_last, d_1..d_k] in one forward with its KV
-  cache and ``output_hidden_states``; the longest prefix of drafts equal to the target's argmax is
-  accepted, plus the target's own next token (the bonus). Target and draft caches are cropped to
-  the accepted length, so the next round sees exactly what TTT step 0 sees in training.
+* round: the proposer drafts d_1..d_k from the tokens so far and the target hidden states it has
+  not seen; the target verifies [x_last, d_1..d_k] in one forward with its KV cache and
+  ``output_hidden_states``; the longest prefix of drafts equal to the target's argmax is
+  accepted, plus the target's own next token (the bonus). The target cache is cropped to the
+  accepted length and the proposer gets the hidden states of the accepted positions only.
 
 tau = 1 + accepted drafts / verify steps (vLLM's "mean acceptance length"; a step that hits the
 stop token or ``max_new_tokens`` still counts what the target accepted, as vLLM does). alpha_k is
@@ -36,6 +36,8 @@ import torch
 from spec_core.config import Config, EvaluationConfig
 from spec_core.data.conversation import Conversation, Message
 from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.models import algorithm_of
+from spec_core.models.algorithm import Proposer
 
 log = logging.getLogger(__name__)
 
@@ -183,37 +185,21 @@ def greedy_decode(target: Any, prompt: list[int], max_new: int, stop_ids: set[in
 
 
 class SpeculativeDecoder:
-    """Chain drafting of k tokens by an ``Eagle3Draft``, greedy verification by the HF target."""
+    """Greedy verification by the HF target of the tokens its draft's ``Proposer`` drafts."""
 
-    def __init__(self, target: Any, draft: Any, num_draft_tokens: int) -> None:
+    def __init__(self, target: Any, proposer: Proposer, num_draft_tokens: int) -> None:
         if num_draft_tokens < 1:
             raise ConfigError(f"'evaluation.num_draft_tokens' must be >= 1, got {num_draft_tokens}")
-        layers = int(target.config.num_hidden_layers)
-        self.capture = list(draft.config.capture_indices)
-        if not self.capture or not all(0 <= k < layers for k in self.capture):
-            raise ConfigError(
-                f"draft capture indices {self.capture} invalid for a {layers}-layer target"
-            )
-        if draft.config.vocab_size != int(target.config.vocab_size):
-            raise ConfigError(
-                f"draft vocab {draft.config.vocab_size} != target vocab {target.config.vocab_size}"
-            )
         self.target = target
-        self.draft = draft
+        self.proposer = proposer
         self.k = num_draft_tokens
-
-    def _features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.cat([hidden_states[i] for i in self.capture], dim=-1)
-
-    def _draft_token(self, hidden: torch.Tensor) -> int:
-        draft_id = self.draft.logits(hidden[:, -1]).argmax(-1)
-        return int(self.draft.draft_to_target(draft_id)[0])
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new: int, stop_ids: set[int]) -> Decoded:
         from transformers import DynamicCache
 
         started = time.perf_counter()
+        self.proposer.reset()
         cache = DynamicCache(config=self.target.config)
         out = self.target(
             input_ids=torch.tensor([prompt]),
@@ -228,28 +214,9 @@ class SpeculativeDecoder:
         tokens: list[int] = []
         accepted: list[int] = []
         done = _finish(tokens, [first], max_new, stop_ids)
-        features = self._features(out.hidden_states)  # f_t not yet consumed by the draft
-        draft_cache = None
-        draft_len = 0  # positions whose step-0 entries are in the draft cache
+        verified = out.hidden_states  # target states the proposer has not seen yet
         while not done:
-            # Step 0 over the new positions t = draft_len.. with f_t and embed(x_{t+1}).
-            n_new = features.shape[1]
-            positions = torch.arange(draft_len, draft_len + n_new)[None]
-            ids = torch.tensor([seq[draft_len + 1 : draft_len + 1 + n_new]])
-            hidden, draft_cache = self.draft.decode(
-                ids, self.draft.project_features(features), positions, draft_cache
-            )
-            draft_len += n_new
-            drafts = [self._draft_token(hidden)]
-            chain_cache = draft_cache
-            for j in range(1, self.k):  # step j at position draft_len - 1 + j
-                hidden, chain_cache = self.draft.decode(
-                    torch.tensor([[drafts[-1]]]),
-                    hidden[:, -1:],
-                    torch.tensor([[draft_len - 1 + j]]),
-                    chain_cache,
-                )
-                drafts.append(self._draft_token(hidden))
+            drafts = self.proposer.propose(seq, verified, self.k)
             out = self.target(
                 input_ids=torch.tensor([[seq[-1], *drafts]]),
                 past_key_values=cache,
@@ -263,10 +230,22 @@ class SpeculativeDecoder:
             accepted.append(a)
             new = [*drafts[:a], preds[a]]
             crop_cache(cache, len(seq) + a)  # keeps x_0 .. x_{n+1+a}
-            features = self._features(out.hidden_states)[:, : a + 1]
+            verified = tuple(h[:, : a + 1] for h in out.hidden_states)
             seq.extend(new)
             done = _finish(tokens, new, max_new, stop_ids)
         return Decoded(tokens, time.perf_counter() - started, accepted)
+
+
+def load_proposer(
+    hf_dir: str | Path,
+    target: Any,
+    target_dir: str | Path,
+    embedding_key: str = "model.embed_tokens.weight",
+) -> Proposer:
+    """The exported draft, loaded back as the engines see it, in its algorithm's proposer."""
+    algorithm = algorithm_of(hf_dir)
+    draft = algorithm.load_export(hf_dir, target_dir, embedding_key)
+    return algorithm.proposer(draft, target.config)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -327,7 +306,7 @@ def load_target(target_dir: Path) -> Any:
 
 def run_evaluation(
     target: Any,
-    draft: Any,
+    proposer: Proposer,
     prompts: list[EvalPrompt],
     *,
     num_draft_tokens: int,
@@ -335,7 +314,7 @@ def run_evaluation(
     stop_ids: set[int],
 ) -> dict[str, Any]:
     """Decode every prompt speculatively and plainly; per-prompt records plus the aggregate."""
-    decoder = SpeculativeDecoder(target, draft, num_draft_tokens)
+    decoder = SpeculativeDecoder(target, proposer, num_draft_tokens)
     records, all_accepted = [], []
     spec_s = base_s = 0.0
     spec_tokens = base_tokens = 0
@@ -412,7 +391,6 @@ def evaluate_prompts(
     from transformers import AutoTokenizer
 
     from spec_core.data.regenerate import target_fingerprint
-    from spec_core.export import load_hf_draft
 
     target_dir = Path(target_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
@@ -426,7 +404,7 @@ def evaluate_prompts(
         target_fingerprint(target_dir)[:16],
     )
     target = load_target(target_dir)
-    draft = load_hf_draft(hf_dir, target_dir, embedding_key)
+    proposer = load_proposer(hf_dir, target, target_dir, embedding_key)
     log.info("evaluating %s on %d prompts", hf_dir, len(prompts))
     threads = torch.get_num_threads()
     if ev.num_threads > 0:
@@ -434,7 +412,7 @@ def evaluate_prompts(
     try:
         result = run_evaluation(
             target,
-            draft,
+            proposer,
             prompts,
             num_draft_tokens=ev.num_draft_tokens,
             max_new_tokens=ev.max_new_tokens,

@@ -228,17 +228,20 @@ def version_tags(
     cfg: Config, hf_dir: Path, evaluation: dict[str, Any], run_id: str
 ) -> dict[str, str]:
     """What a registry user filters on: target, algorithm, layers, vocab, tau and data identity."""
-    hf_config = json.loads((hf_dir / "config.json").read_text())
-    meta = hf_config.get("specflow") or {}
+    from spec_core.models import algorithm_of
+
+    algorithm = algorithm_of(hf_dir)
+    draft = algorithm.load_config(hf_dir)
+    meta = draft.specflow
     return {
         "target_model": cfg.target.path,
         "target_revision": str(
             meta.get("target_revision") or evaluation["settings"].get("target_revision", "")
         ),
-        "algorithm": str(meta.get("algorithm", cfg.draft.algorithm)),
-        "capture_indices": json.dumps(meta.get("capture_indices")),
-        "draft_vocab_size": str(hf_config.get("draft_vocab_size")),
-        "vocab_size": str(hf_config.get("vocab_size")),
+        "algorithm": algorithm.name,
+        "capture_indices": json.dumps(list(draft.capture_indices)),
+        "draft_vocab_size": str(draft.draft_vocab_size),
+        "vocab_size": str(draft.vocab_size),
         "tau": f"{float(evaluation['tau']):.6f}",
         "alpha": json.dumps([round(float(a), 6) for a in evaluation["alpha"]]),
         "lossless": str(bool(evaluation["lossless"])).lower(),
@@ -369,7 +372,7 @@ def _register_version(
         if not _is_missing(exc):
             raise
         client.create_registered_model(
-            name, description="EAGLE-3 draft models trained by specflow (HF dirs for SGLang/vLLM)"
+            name, description="Draft models trained by specflow (HF dirs for SGLang/vLLM)"
         )
     for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         for key, value in tags.items():

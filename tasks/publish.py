@@ -8,6 +8,7 @@ plot); MLflow gets the rest.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +17,20 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from spec_core.config import config_from_dict
+from spec_core.errors import ConfigError
+from spec_core.paths import RunPaths
+
+
+def _run_paths(cfg: Any, run_dir: str) -> RunPaths:
+    """The run's file layout: ``run.output_dir`` from the config, the run id from ``run_dir``
+    (the flows pass the run dir, which must sit where ``RunPaths`` puts it)."""
+    paths = dataclasses.replace(RunPaths.from_config(cfg), run_id=Path(run_dir).name)
+    if paths.run_dir != Path(run_dir).expanduser().resolve():
+        raise ConfigError(
+            f"run dir {run_dir} is not a run of 'run.output_dir' {paths.output_dir} "
+            f"(expected {paths.run_dir})"
+        )
+    return paths
 
 
 def _target_dir(cfg: Any) -> Path:
@@ -37,10 +52,11 @@ def convert_to_hf(
     from spec_core.export import export_draft
 
     cfg = config_from_dict(config)
+    paths = _run_paths(cfg, run_dir)
     target_dir = _target_dir(cfg)
     result = export_draft(
         checkpoint,
-        Path(run_dir) / "hf",
+        paths.hf_dir,
         select=select,
         target_dir=target_dir,
         embedding_key=cfg.target.embedding_key,
@@ -50,7 +66,7 @@ def convert_to_hf(
             "target_dir": str(target_dir),
             "chat_template": cfg.dataset.chat_template or "tokenizer",
             "dataset_hash": dataset_hash,
-            "run_id": Path(run_dir).name,
+            "run_id": paths.run_id,
         },
     )
     get_run_logger().info(
@@ -78,16 +94,16 @@ def evaluate_acceptance(
     from spec_core.evaluate import evaluate_draft, summary_line
 
     cfg = config_from_dict(config)
+    paths = _run_paths(cfg, run_dir)
     target_dir = _target_dir(cfg)
     if eval_data is None:
         from spec_core.data.tokenize import prepare_dataset
         from spec_core.paths import cache_dir
 
-        work_dir = Path(cfg.run.output_dir).expanduser().resolve() / "work"
         eval_data = str(
-            prepare_dataset(cfg.dataset, target_dir, work_dir, cache_dir(cfg)).eval_path
+            prepare_dataset(cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg)).eval_path
         )
-    result = evaluate_draft(cfg, hf_dir, target_dir, eval_data, Path(run_dir) / "eval")
+    result = evaluate_draft(cfg, hf_dir, target_dir, eval_data, paths.eval_dir)
     get_run_logger().info("acceptance: %s", summary_line(result))
     result.pop("prompts", None)
     return result
@@ -105,14 +121,14 @@ def register_model(
     from spec_core.registry import publish_run
 
     cfg = config_from_dict(config)
-    run = Path(run_dir)
+    paths = _run_paths(cfg, run_dir)
     result = publish_run(
         cfg,
-        run.name,
+        paths.run_id,
         hf_dir=hf_dir,
         evaluation=evaluation,
-        config_file=run / "config.yaml",
-        metrics_file=run / "metrics.jsonl",
+        config_file=paths.config_file,
+        metrics_file=paths.metrics_file,
         perf=perf,
     )
     get_run_logger().info(

@@ -9,26 +9,25 @@ import torch.nn.functional as F
 
 from spec_core.config import load_config
 from spec_core.errors import ConfigError
-from spec_core.models import capture_spec_for
-from spec_core.models.algorithm import get_algorithm
-from spec_core.models.block_attention import (
+from spec_core.models import capture_spec_for, get_algorithm
+from spec_core.models.block.attention import (
     anchor_candidates,
     block_mask_dense,
     flex_mask_mod,
     make_plan,
     sample_anchors,
 )
-from spec_core.models.block_losses import COL, LossWeights, pooled_scale
-from spec_core.models.dflash import (
+from spec_core.models.block.config import (
     BlockDraftConfig,
-    DFlashDraft,
     default_capture_indices,
     default_layer_ids,
     derive_block_config,
     resolve_mask_token_id,
 )
-from spec_core.models.dspark import DSparkDraft
-from spec_core.models.losses import TargetProjection
+from spec_core.models.block.dflash import DFlashDraft
+from spec_core.models.block.dspark import DSparkDraft
+from spec_core.models.block.losses import COL, LossWeights, pooled_scale
+from spec_core.models.common.target import TargetProjection
 
 VOCAB, HIDDEN, AUX = 40, 32, 3
 
@@ -201,7 +200,7 @@ def test_noise_inputs_and_label_alignment(algorithm: str):
 
 def naive_block_hidden(model: DFlashDraft, ids, aux, anchors, keep) -> torch.Tensor:
     """Each kept block alone: unmasked attention over [context before the anchor ; its block]."""
-    from spec_core.models.block_attention import sdpa_attend
+    from spec_core.models.block.attention import sdpa_attend
 
     out = torch.zeros(*anchors.shape, model.config.block_size, HIDDEN, dtype=torch.float64)
     context_all = model.hidden_norm(model.fc(aux))
@@ -433,13 +432,14 @@ def test_mask_token_for_smollm2_is_an_unused_special_token(smollm2_dir):
 
 
 def test_derived_config_round_trips_through_the_hf_json(tiny_target_dir):
-    from spec_core.models.target import read_target_config
+    from spec_core.models.common.target import read_target_config
 
     cfg = load_config(
         None,
         [
             "draft.algorithm=dspark",
             "vocab.draft_vocab_size=null",
+            "evaluation.enabled=false",
             "draft.num_layers=3",
             "draft.capture_indices=[1,2,3]",
             "draft.block_size=5",
@@ -458,7 +458,9 @@ def test_derived_config_round_trips_through_the_hf_json(tiny_target_dir):
 
 def test_capture_spec_skips_last_hidden_for_dflash_and_ce_only_dspark():
     def spec(*overrides):
-        cfg = load_config(None, ["vocab.draft_vocab_size=null", *overrides])
+        cfg = load_config(
+            None, ["vocab.draft_vocab_size=null", "evaluation.enabled=false", *overrides]
+        )
         return capture_spec_for(cfg, 30)
 
     assert spec().with_last_hidden and spec().capture_indices == (2, 15, 27)  # eagle3
@@ -498,17 +500,18 @@ def test_capture_spec_skips_last_hidden_for_dflash_and_ce_only_dspark():
 )
 def test_inconsistent_settings_fail_fast(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["vocab.draft_vocab_size=null", *overrides])
+        load_config(None, ["vocab.draft_vocab_size=null", "evaluation.enabled=false", *overrides])
 
 
 def test_flex_training_on_cpu_is_refused(tiny_target_dir):
-    from spec_core.models.target import load_target_head, read_target_config
+    from spec_core.models.common.target import load_target_head, read_target_config
 
     cfg = load_config(
         None,
         [
             "draft.algorithm=dflash",
             "vocab.draft_vocab_size=null",
+            "evaluation.enabled=false",
             "draft.capture_indices=[1,2]",
             "draft.attention_backend=flex",
         ],
@@ -537,3 +540,28 @@ def test_presets_select_model_loss_and_captures(preset, algorithm, last_hidden, 
     layers = 36 if preset.startswith("qwen3") else 30
     spec = capture_spec_for(cfg, layers)
     assert spec.with_last_hidden is last_hidden and spec.capture_indices == captures
+
+
+@pytest.mark.parametrize("algorithm", ["dflash", "dspark"])
+def test_evaluation_without_a_proposer_fails_at_config_load(algorithm):
+    overrides = [f"draft.algorithm={algorithm}", "vocab.draft_vocab_size=null"]
+    with pytest.raises(
+        ConfigError, match="set evaluation.enabled=false and registry.enabled=false"
+    ):
+        load_config(None, overrides)
+    cfg = load_config(None, [*overrides, "evaluation.enabled=false", "registry.enabled=false"])
+    assert cfg.draft.algorithm == algorithm
+
+
+def test_config_refuses_evaluation_exactly_for_algorithms_without_a_proposer():
+    from spec_core.models import ALGORITHMS
+
+    for name, algo in ALGORITHMS.items():
+        overrides = [f"draft.algorithm={name}", "vocab.draft_vocab_size=null"]
+        if algo.has_proposer:
+            assert load_config(None, overrides).evaluation.enabled
+        else:
+            with pytest.raises(ConfigError, match="needs a proposer"):
+                load_config(None, overrides)
+            with pytest.raises(ConfigError, match="no speculative-decoding proposer"):
+                algo.proposer(torch.nn.Linear(1, 1), None)

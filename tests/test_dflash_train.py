@@ -16,8 +16,8 @@ from test_train_units import make_split
 
 from spec_core.config import load_config
 from spec_core.export import export_draft
-from spec_core.export_dflash import load_block_draft
-from spec_core.models.dflash import BlockDraftConfig
+from spec_core.models import get_algorithm
+from spec_core.models.block.config import BlockDraftConfig
 from spec_core.training.job import TrainJob
 from spec_core.training.launcher import launch_training
 from spec_core.training.metrics_log import read_metrics
@@ -35,6 +35,7 @@ BASE = [
     "draft.capture_indices=[1,2,3]",
     "draft.num_anchors=4",
     "vocab.draft_vocab_size=null",
+    "evaluation.enabled=false",
     "inference.batch_size=2",
 ]
 
@@ -83,7 +84,9 @@ def test_dflash_trains_checkpoints_and_exports(tmp_path: Path, tiny_target_dir: 
 
     out = tmp_path / "hf"
     export = export_draft(ckpt, out, target_dir=tiny_target_dir)
-    assert {"config", "tensor_names_and_shapes", "dtype", "matches_target"} <= set(export.checks)
+    assert {"architecture", "target_layer_ids", "shapes", "dtypes", "target_layers"} <= set(
+        export.checks
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 4
     assert config["dflash_config"]["target_layer_ids"] == [0, 1, 2]
@@ -93,7 +96,7 @@ def test_dflash_trains_checkpoints_and_exports(tmp_path: Path, tiny_target_dir: 
     trained = model_weights(ckpt, tmp_path)
     assert set(tensors) == set(trained)
     assert all(torch.equal(tensors[k], trained[k]) for k in tensors)
-    model = load_block_draft(out, tiny_target_dir)
+    model = get_algorithm("dflash").load_export(out, tiny_target_dir)
     assert torch.equal(model.fc.weight, trained["fc.weight"])
 
 

@@ -18,9 +18,9 @@ from test_dflash_model import (
     tiny_model,
 )
 
-from spec_core.models.block_losses import COL, BlockRows, LossWeights, block_loss, pooled_scale
-from spec_core.models.dspark import MarkovHead
-from spec_core.models.losses import TargetProjection
+from spec_core.models.block.dspark import MarkovHead
+from spec_core.models.block.losses import COL, BlockRows, LossWeights, block_loss, pooled_scale
+from spec_core.models.common.target import TargetProjection
 
 
 @pytest.mark.parametrize("kind", ["vanilla", "gated", "rnn"])

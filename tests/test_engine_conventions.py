@@ -96,9 +96,9 @@ def test_sglang_hook_targets_follow_post_layer_ids():
 
 
 def test_export_uses_the_same_translation():
-    from spec_core.export import ExportError
-    from spec_core.export import sglang_layer_ids as export_sglang
-    from spec_core.export import vllm_layer_ids as export_vllm
+    from spec_core.models.common.hf import ExportError
+    from spec_core.models.common.hf import sglang_layer_ids as export_sglang
+    from spec_core.models.common.hf import vllm_layer_ids as export_vllm
 
     assert export_vllm((2, 15, 27)) == vllm_layer_ids((2, 15, 27))
     assert export_sglang((2, 15, 27)) == sglang_layer_ids((2, 15, 27))

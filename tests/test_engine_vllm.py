@@ -286,7 +286,7 @@ def test_bundle_conversion_refuses_other_tokens_and_shapes(tiny_target_dir):
 def test_final_norm_turns_prenorm_into_hf_last_hidden(tiny_target_dir):
     from transformers import AutoModel
 
-    from spec_core.models.target import read_target_config
+    from spec_core.models.common.target import read_target_config
 
     model = AutoModel.from_pretrained(tiny_target_dir, dtype=torch.float32).eval()
     seen = {}

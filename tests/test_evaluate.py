@@ -37,13 +37,15 @@ from spec_core.evaluate import (
     eval_prompt_ids,
     generation_prompt_ids,
     greedy_decode,
+    load_proposer,
     load_target,
     run_evaluation,
 )
-from spec_core.export import export_draft, load_hf_draft
-from spec_core.models.draft_config import derive_eagle3_config
-from spec_core.models.eagle3 import Eagle3Draft
-from spec_core.models.target import read_tensors
+from spec_core.export import export_draft
+from spec_core.models import get_algorithm
+from spec_core.models.common.target import read_tensors
+from spec_core.models.eagle3.config import derive_eagle3_config
+from spec_core.models.eagle3.model import Eagle3Draft
 
 V, H = 49152, 64
 EMB = "model.embed_tokens.weight"
@@ -260,9 +262,9 @@ def test_acceptance_stats_by_hand():
 def test_random_draft_on_random_target_is_lossless(tiny_target_dir, tmp_path):
     hf_dir = export_model(draft_for(tiny_target_dir), tmp_path)
     target = load_target(tiny_target_dir)
-    draft = load_hf_draft(hf_dir, tiny_target_dir)
+    proposer = load_proposer(hf_dir, target, tiny_target_dir)
     result = run_evaluation(
-        target, draft, random_prompts(3), num_draft_tokens=3, max_new_tokens=20, stop_ids={2}
+        target, proposer, random_prompts(3), num_draft_tokens=3, max_new_tokens=20, stop_ids={2}
     )
     assert result["lossless"] and result["mismatched_prompts"] == []
     assert result["tau"] >= 1.0 and result["num_steps"] > 0
@@ -288,7 +290,7 @@ def test_acceptance_on_a_bigram_target(bigram_targets, tmp_path, target_name, he
     target = load_target(target_dir)
     result = run_evaluation(
         target,
-        load_hf_draft(hf_dir, target_dir),
+        load_proposer(hf_dir, target, target_dir),
         random_prompts(3),
         num_draft_tokens=3,
         max_new_tokens=24,
@@ -317,7 +319,7 @@ def test_trained_draft_beats_a_random_draft(bigram_targets, tmp_path):
         hf_dir = export_model(model, tmp_path / name)
         result = run_evaluation(
             target,
-            load_hf_draft(hf_dir, target_dir),
+            load_proposer(hf_dir, target, target_dir),
             random_prompts(2),
             num_draft_tokens=3,
             max_new_tokens=16,
@@ -333,10 +335,11 @@ def test_decoder_checks_the_draft_fits_the_target(tiny_target_dir, bigram_target
     target = load_target(tiny_target_dir)
     draft = draft_for(tiny_target_dir, capture=(1, 2, 3))
     draft.config.specflow["capture_indices"] = [1, 2, 9]
-    with pytest.raises(Exception, match="invalid for a 4-layer target"):
-        SpeculativeDecoder(target, draft, 3)
+    eagle3 = get_algorithm("eagle3")
+    with pytest.raises(Exception, match="invalid for a target with 4 layers"):
+        eagle3.proposer(draft, target.config)
     with pytest.raises(Exception, match="num_draft_tokens"):
-        SpeculativeDecoder(target, draft_for(tiny_target_dir), 0)
+        SpeculativeDecoder(target, eagle3.proposer(draft_for(tiny_target_dir), target.config), 0)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -417,9 +420,10 @@ def test_lossless_on_real_smollm2(smollm2_dir, tmp_path, renderer, chitchat_path
         ids, _ = eval_prompt_ids(conv, renderer, 256)
         prompts.append(EvalPrompt(conv.id, ids))
     hf_dir = export_model(draft_for(smollm2_dir, capture=(2, 15, 27)), tmp_path)
+    target = load_target(smollm2_dir)
     result = run_evaluation(
-        load_target(smollm2_dir),
-        load_hf_draft(hf_dir, smollm2_dir),
+        target,
+        load_proposer(hf_dir, target, smollm2_dir),
         prompts,
         num_draft_tokens=3,
         max_new_tokens=16,

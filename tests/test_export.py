@@ -21,19 +21,17 @@ from test_train_units import ListSource
 
 from spec_core.config import load_config
 from spec_core.errors import ConfigError
-from spec_core.export import (
+from spec_core.export import export_draft, main, validate_export
+from spec_core.models import get_algorithm
+from spec_core.models.common.hf import (
     ExportError,
     capture_indices_from_hf,
-    export_draft,
-    load_hf_draft,
-    main,
     sglang_layer_ids,
-    validate_export,
     vllm_layer_ids,
 )
-from spec_core.models.draft_config import Eagle3Config
-from spec_core.models.eagle3 import Eagle3Draft
-from spec_core.models.target import read_tensors
+from spec_core.models.common.target import read_tensors
+from spec_core.models.eagle3.config import Eagle3Config
+from spec_core.models.eagle3.model import Eagle3Draft
 from spec_core.vocab import load_vocab_map, save_vocab_map
 
 EMB = "model.embed_tokens.weight"
@@ -53,7 +51,7 @@ def trainer_checkpoint(
     The weights are perturbed away from the seeded init, so an exporter that rebuilt the model
     from the config instead of reading the checkpoint would not match.
     """
-    from spec_core.models.target import load_target_head
+    from spec_core.models.common.target import load_target_head
     from spec_core.training.checkpoint import Checkpointer
     from spec_core.training.fsdp import DistInfo, build_mesh, parallelize
     from spec_core.training.job import TrainJob
@@ -174,7 +172,7 @@ def test_round_trip_matches_the_trainer_module(
     for got, want in zip(draft_outputs(model), draft_outputs(reference), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     for got, want in zip(
-        draft_outputs(load_hf_draft(tmp_path / "hf", tiny_target_dir)),
+        draft_outputs(get_algorithm("eagle3").load_export(tmp_path / "hf", tiny_target_dir)),
         draft_outputs(reference),
         strict=True,
     ):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from spec_core.config import DraftConfig, TargetConfig
 from spec_core.errors import ConfigError
-from spec_core.models.draft_config import Eagle3Config, derive_eagle3_config
-from spec_core.models.eagle3 import Eagle3Draft
-from spec_core.models.target import load_target_head, read_target_config
+from spec_core.models.common.target import load_target_head, read_target_config
+from spec_core.models.eagle3.config import Eagle3Config, derive_eagle3_config
+from spec_core.models.eagle3.model import Eagle3Draft
 
 
 def test_derive_from_smollm2_config(smollm2_dir: Path):

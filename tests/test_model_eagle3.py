@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spec_core.models.attention import (
+from spec_core.models.common.target import TargetProjection
+from spec_core.models.eagle3.attention import (
     ttt_attention_explicit,
     ttt_attention_flex,
     ttt_attention_sdpa,
 )
-from spec_core.models.draft_config import Eagle3Config
-from spec_core.models.eagle3 import Eagle3Draft
-from spec_core.models.losses import (
-    TargetProjection,
+from spec_core.models.eagle3.config import Eagle3Config
+from spec_core.models.eagle3.losses import (
     chunked_soft_ce,
     label_rows,
     pooled_scales,
@@ -22,7 +21,8 @@ from spec_core.models.losses import (
     summarize,
     supervised_counts,
 )
-from spec_core.models.reference import reference_loss, reference_ttt_hidden
+from spec_core.models.eagle3.model import Eagle3Draft
+from spec_core.models.eagle3.reference import reference_loss, reference_ttt_hidden
 
 V, H = 300, 32
 

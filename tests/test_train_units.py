@@ -162,7 +162,7 @@ def process_group():
 def test_non_finite_step_is_skipped_and_counted(
     tmp_path: Path, tiny_target_dir: Path, process_group, engine: HFEngine
 ):
-    from spec_core.models.target import load_target_head
+    from spec_core.models.common.target import load_target_head
     from spec_core.training.fsdp import DistInfo, build_mesh, parallelize
     from spec_core.training.job import TrainJob
     from spec_core.training.optim import build_optimizer

@@ -299,7 +299,7 @@ class SGLangEngine(HiddenStateEngine):
         handoff_root: Optional[str] = None,
         runtime: Optional[Runtime] = None,
     ) -> None:
-        from spec_core.models.target import read_target_config
+        from spec_core.models.common.target import read_target_config
 
         self.spec = spec
         config = read_target_config(target_dir)

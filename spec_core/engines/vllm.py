@@ -189,7 +189,7 @@ class FinalNorm:
 
 
 def load_final_norm(target_dir: str | Path, norm_key: str, config: dict[str, Any]) -> FinalNorm:
-    from spec_core.models.target import read_tensors
+    from spec_core.models.common.target import read_tensors
 
     model_type = str(config.get("model_type", ""))
     if model_type.startswith("gemma"):
@@ -319,7 +319,7 @@ class VLLMEngine(HiddenStateEngine):
         handoff_root: Optional[str] = None,
         runtime: Optional[Runtime] = None,
     ) -> None:
-        from spec_core.models.target import read_target_config
+        from spec_core.models.common.target import read_target_config
 
         self.spec = spec
         config = read_target_config(target_dir)

@@ -1,13 +1,18 @@
-"""The seam between the trainer and a draft algorithm (``draft.algorithm``: eagle3 | dflash | dspark).
+"""The seam between the rest of specflow and a draft algorithm (``draft.algorithm``).
 
-The trainer, worker, producers and export never branch on the algorithm; they ask its
-``DraftAlgorithm`` for:
+Trainer, worker, producers, export, evaluator and registry never branch on the algorithm; they
+ask its ``DraftAlgorithm`` (``spec_core.models.get_algorithm`` by name, ``algorithm_of`` for a
+``config.json``) for everything that differs:
 
 * the draft config (derived from the target, or read back from a checkpoint's ``config.json``);
-* the model (same seeded init on every rank, frozen target pieces loaded);
-* what producers capture (``capture_spec_for``: layers, and whether last hidden states are sent -
-  DFlash and CE-only DSpark skip them);
-* an ``Objective``: how a micro-batch becomes a pooled loss and metric sums.
+  the algorithm's training settings (EAGLE-3 ``ttt_length``, DFlash/DSpark ``num_anchors`` and
+  ``loss_decay_gamma``) live in that config - derived from ``draft.*`` when a run starts and read
+  back on resume, export and evaluation - and the objective reads them only from there;
+* what producers capture (default capture indices, whether last hidden states are sent);
+* the model (same seeded init on every rank, frozen target pieces loaded) and its ``Objective``;
+* the HF export: engine-layout ``config.json``, which tensors are exported and their shapes, the
+  checks of an exported dir (alone and against the target), and loading an exported dir back;
+* the speculative-decoding ``Proposer`` the evaluator drafts with.
 
 ``Objective`` keeps the trainer's pooling contract for every algorithm: ``plan`` fixes, from the
 masks alone and before any forward, what a micro-batch supervises and returns its share of the
@@ -18,6 +23,7 @@ loss denominators; the trainer all-reduces those over micro-batches and ranks, t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -25,15 +31,18 @@ import torch
 from torch import nn
 
 from spec_core.config import Config, DraftConfig
-from spec_core.engines.base import CaptureSpec
 from spec_core.errors import ConfigError
-from spec_core.models.losses import TargetProjection
+from spec_core.models.common.config import DraftConfigBase
+from spec_core.models.common.hf import ExportError
+from spec_core.models.common.target import TargetProjection
 
 if TYPE_CHECKING:
-    from spec_core.models.target import TargetHead
+    from spec_core.models.common.target import TargetHead
     from spec_core.training.sources import Batch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (ok, check name, message): records a passed check or raises ExportError with the message
+Require = Callable[[bool, str, str], None]
+TARGET_EMBEDDING_KEY = "model.embed_tokens.weight"
 
 
 class Objective(ABC):
@@ -67,26 +76,61 @@ class Objective(ABC):
         """Metric sums (all-reduced) -> the logged record; has loss, acc_k and tau_sim."""
 
 
+class Proposer(ABC):
+    """Draft tokens for greedy verification, one prompt at a time (batch size 1).
+
+    The evaluator owns the target, its cache and the verification; the proposer owns the draft's
+    state. Each round it gets every token known so far and the target's hidden states (all layers,
+    as HF's ``output_hidden_states``) of the positions verified since its last round.
+    """
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget the previous prompt."""
+
+    @abstractmethod
+    def propose(
+        self, seq: Sequence[int], hidden_states: Sequence[torch.Tensor], k: int
+    ) -> list[int]:
+        """``k`` draft tokens continuing ``seq``."""
+
+
 class DraftAlgorithm(ABC):
     name: str
+    architectures: tuple[str, ...]  # the HF ``architectures`` its exported config.json names
+    speculators_type: Optional[str] = None  # vLLM speculators-format model type, if it has one
+
+    # ---- config -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def parse_config(self, data: dict[str, Any], source: str) -> DraftConfigBase:
+        """A ``config.json`` dict of this algorithm's draft -> its config (one-line ConfigError)."""
+
+    def load_config(self, path: str | Path) -> DraftConfigBase:
+        """The draft config of a checkpoint or exported dir (``config.json``)."""
+        from spec_core.models.common.config import config_file, read_config_json
+
+        path = config_file(path)
+        return self.parse_config(read_config_json(path), str(path))
+
+    @abstractmethod
+    def derive_config(
+        self, target_json: dict[str, Any], cfg: Config, vocab_size: Optional[int], target_dir: Path
+    ) -> DraftConfigBase:
+        """The draft config for a target; ``vocab_size`` is the pruned draft vocab or None."""
+
+    # ---- capture ----------------------------------------------------------------------------
 
     @abstractmethod
     def default_capture_indices(self, draft: DraftConfig, num_layers: int) -> tuple[int, ...]:
-        """Capture indices (DESIGN §3) when ``draft.capture_indices`` is null."""
+        """Capture indices (docs/architecture.md §capture-index) when ``draft.capture_indices``
+        is null."""
 
     @abstractmethod
     def needs_last_hidden(self, draft: DraftConfig) -> bool:
         """Whether the loss reads the target's last hidden states (producers send them)."""
 
-    @abstractmethod
-    def load_config(self, path: str | Path) -> Any:
-        """The draft config of a checkpoint (``config.json``)."""
-
-    @abstractmethod
-    def derive_config(
-        self, target_json: dict[str, Any], cfg: Config, vocab_size: Optional[int], target_dir: Path
-    ) -> Any:
-        """The draft config for a target; ``vocab_size`` is the pruned draft vocab or None."""
+    # ---- training ---------------------------------------------------------------------------
 
     @abstractmethod
     def build_model(
@@ -96,254 +140,80 @@ class DraftAlgorithm(ABC):
 
     @abstractmethod
     def objective(self, cfg: Config, dcfg: Any, target: TargetProjection) -> Objective:
-        """The loss/metrics for this draft."""
+        """The loss/metrics for this draft; algorithm settings come from ``dcfg`` only."""
 
+    # ---- export (docs/architecture.md §export-format) ---------------------------------------
 
-# ----------------------------------------------------------------------------- EAGLE-3
+    @abstractmethod
+    def export_weights(
+        self,
+        dcfg: Any,
+        state: dict[str, torch.Tensor],
+        source: Path,
+        training_vocab_map: Optional[Path],
+        vocab_map: Optional[Path],
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """(config, tensors) to export from a checkpoint's weights (embedding already dropped);
+        ``vocab_map`` asks to post-prune the head, ``training_vocab_map`` is the checkpoint's."""
 
+    @abstractmethod
+    def export_config(self, dcfg: Any, provenance: dict[str, Any]) -> dict[str, Any]:
+        """The engine-layout ``config.json`` of an export (``provenance`` goes under specflow)."""
 
-class Eagle3Objective(Objective):
-    """TTT unroll with per-step denominators N_k (``losses.pooled_scales``)."""
+    @abstractmethod
+    def check_export_config(self, raw: dict[str, Any], where: str, require: Require) -> Any:
+        """Check an exported ``config.json`` against what the engines read; returns the config."""
 
-    def __init__(self, cfg: Config, target: TargetProjection) -> None:
-        self.num_steps = cfg.draft.ttt_length
-        self.decay = cfg.draft.step_weight_decay
-        self.chunk_rows = cfg.training.loss_chunk_size
-        self.target = target
+    @abstractmethod
+    def expected_shapes(self, dcfg: Any) -> dict[str, tuple[int, ...]]:
+        """Every tensor an export must hold and its shape (the optional embedding aside)."""
 
-    def plan(self, batch: Batch, generator: Optional[torch.Generator] = None):
-        from spec_core.models.losses import supervised_counts
+    def foreign_prefixes(self) -> tuple[str, ...]:
+        """Tensor-name prefixes of another layout that must never reach an export."""
+        return ()
 
-        counts = supervised_counts(batch.loss_mask, batch.attention_mask, self.num_steps)
-        return None, counts.double()
+    def extra_tensors(self, dcfg: Any) -> tuple[str, ...]:
+        """Tensors an export may hold beyond ``expected_shapes`` and the target embedding; they
+        are checked by ``check_export_tensors``."""
+        return ()
 
-    def scales(self, global_counts: torch.Tensor, world_size: int) -> torch.Tensor:
-        from spec_core.models.losses import pooled_scales
+    def unexpected_tensors_hint(self, dcfg: Any, names: list[str]) -> str:
+        """Why ``names`` must not be in this export, appended to the validator's message."""
+        return ""
 
-        return pooled_scales(global_counts, self.num_steps, self.decay, world_size)
+    def check_export_tensors(
+        self, dcfg: Any, tensors: dict[str, torch.Tensor], where: str, require: Require
+    ) -> None:
+        """Algorithm-specific tensors beyond ``expected_shapes`` (e.g. vocab maps)."""
 
-    def forward(self, model: nn.Module, batch: Batch, plan: Any, scales: torch.Tensor):
-        if batch.last_hidden is None:
-            raise ValueError("EAGLE-3 training needs last hidden states in every batch")
-        return model(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.loss_mask,
-            batch.aux_hidden,
-            batch.last_hidden,
-            self.target,
-            scales,
-            self.chunk_rows,
-        )
+    @abstractmethod
+    def check_against_target(self, dcfg: Any, target: dict[str, Any], require: Require) -> None:
+        """What the shared target checks (vocab, hidden size, capture range) do not cover."""
 
-    def metric_zeros(self, device: torch.device) -> torch.Tensor:
-        from spec_core.models.losses import NUM_METRICS
+    def speculators_layout(
+        self, hf_config: dict[str, Any], tensors: dict[str, torch.Tensor], verifier: str, k: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(config, tensors) of the vLLM speculators-format twin of an export."""
+        raise ExportError(f"the speculators format has no {self.name} layout")
 
-        return torch.zeros(self.num_steps, NUM_METRICS, dtype=torch.float64, device=device)
+    @abstractmethod
+    def load_export(
+        self,
+        hf_dir: str | Path,
+        target_dir: Optional[str | Path] = None,
+        embedding_key: str = TARGET_EMBEDDING_KEY,
+        dtype: torch.dtype = torch.float32,
+    ) -> nn.Module:
+        """Rebuild the draft from an exported dir alone (the engines' view of it); without
+        ``embed_tokens`` in the file the target's embedding is read from ``target_dir``."""
 
-    def summarize(self, sums: torch.Tensor) -> dict[str, Any]:
-        from spec_core.models.losses import summarize
+    # ---- evaluation -------------------------------------------------------------------------
 
-        return summarize(sums, self.decay)
+    has_proposer = False  # spec_core.config refuses evaluation for algorithms without one
 
-
-class Eagle3Algorithm(DraftAlgorithm):
-    name = "eagle3"
-
-    def default_capture_indices(self, draft: DraftConfig, num_layers: int) -> tuple[int, ...]:
-        from spec_core.models.draft_config import default_capture_indices
-
-        return default_capture_indices(num_layers)
-
-    def needs_last_hidden(self, draft: DraftConfig) -> bool:
-        return True
-
-    def load_config(self, path: str | Path):
-        from spec_core.models.draft_config import Eagle3Config
-
-        return Eagle3Config.load(path)
-
-    def derive_config(self, target_json, cfg, vocab_size, target_dir):
-        from spec_core.models.draft_config import derive_eagle3_config, text_config
-
-        vocab = vocab_size or int(text_config(target_json)["vocab_size"])
-        return derive_eagle3_config(target_json, cfg.draft, vocab, target_name=cfg.target.path)
-
-    def build_model(self, dcfg, cfg, head, vocab_map, device):
-        from spec_core.models.attention import resolve_backend
-        from spec_core.models.eagle3 import Eagle3Draft
-
-        model = Eagle3Draft(dcfg, resolve_backend(cfg.draft.attention_backend, device))
-        model.init_weights(torch.Generator().manual_seed(cfg.training.seed))
-        with torch.no_grad():
-            model.embed_tokens.weight.copy_(head.load_embedding())
-            if vocab_map is not None:
-                model.set_vocab_map(vocab_map.d2t, vocab_map.t2d)
-            if cfg.draft.init_from_target and dcfg.hidden_size == head.hidden_size:
-                rows = head.lm_head if vocab_map is None else head.lm_head[vocab_map.t2d]
-                model.lm_head.weight.copy_(rows)
-                if head.norm_weight is not None:
-                    model.norm.weight.copy_(head.norm_weight)
-        return model.to(device)
-
-    def objective(self, cfg, dcfg, target):
-        return Eagle3Objective(cfg, target)
-
-
-# ----------------------------------------------------------------------------- DFlash / DSpark
-
-
-class BlockObjective(Objective):
-    """Anchored blocks; one denominator D = sum of prediction weights (``block_losses``)."""
-
-    def __init__(self, cfg: Config, dcfg: Any, target: TargetProjection) -> None:
-        from spec_core.models.dflash import loss_weights
-
-        self.dcfg = dcfg
-        self.target = target
-        self.chunk_rows = cfg.training.loss_chunk_size
-        self.num_anchors = int(dcfg.specflow.get("num_anchors", cfg.draft.num_anchors))
-        self.gamma = float(dcfg.specflow["loss_decay_gamma"])
-        self.weights = loss_weights(dcfg)
-
-    def plan(self, batch: Batch, generator: Optional[torch.Generator] = None):
-        from spec_core.models.block_attention import make_plan, sample_anchors
-
-        anchors, keep = sample_anchors(
-            batch.loss_mask, batch.attention_mask, self.num_anchors, generator
-        )
-        plan = make_plan(
-            batch.input_ids.shape[1],
-            batch.loss_mask,
-            batch.attention_mask,
-            anchors,
-            keep,
-            self.dcfg.num_predictions,
-            self.gamma,
-        )
-        return plan, torch.tensor([plan.total_weight], dtype=torch.float64)
-
-    def scales(self, global_counts: torch.Tensor, world_size: int) -> torch.Tensor:
-        from spec_core.models.block_losses import pooled_scale
-
-        return pooled_scale(float(global_counts[0]), world_size)
-
-    def forward(self, model: nn.Module, batch: Batch, plan: Any, scales: torch.Tensor):
-        return model(
-            batch.input_ids,
-            batch.aux_hidden,
-            plan.to(batch.input_ids.device),
-            self.target,
-            scales,
-            self.chunk_rows,
-            last_hidden=batch.last_hidden,
-        )
-
-    def metric_zeros(self, device: torch.device) -> torch.Tensor:
-        from spec_core.models.block_losses import NUM_METRICS
-
-        return torch.zeros(
-            self.dcfg.num_predictions, NUM_METRICS, dtype=torch.float64, device=device
-        )
-
-    def summarize(self, sums: torch.Tensor) -> dict[str, Any]:
-        from spec_core.models.block_losses import summarize_block
-
-        return summarize_block(sums, self.weights, self.dcfg.slot_offset)
-
-
-class BlockAlgorithm(DraftAlgorithm):
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def default_capture_indices(self, draft: DraftConfig, num_layers: int) -> tuple[int, ...]:
-        from spec_core.models.dflash import default_capture_indices
-
-        return default_capture_indices(num_layers, draft.num_capture_layers)
-
-    def needs_last_hidden(self, draft: DraftConfig) -> bool:
-        if self.name == "dflash":
-            return False
-        confidence = draft.enable_confidence_head and draft.confidence_weight > 0
-        return draft.l1_weight > 0 or confidence
-
-    def load_config(self, path: str | Path):
-        from spec_core.models.dflash import BlockDraftConfig
-
-        dcfg = BlockDraftConfig.load(path)
-        if dcfg.algorithm != self.name:
-            raise ConfigError(
-                f"{path}: checkpoint is a {dcfg.algorithm} draft, the config asks for {self.name}"
-            )
-        return dcfg
-
-    def derive_config(self, target_json, cfg, vocab_size, target_dir):
-        from spec_core.models.dflash import derive_block_config
-
-        if vocab_size is not None:
-            raise ConfigError(
-                f"vocab pruning is not supported for {self.name}; set 'vocab.draft_vocab_size: null'"
-            )
-        return derive_block_config(target_json, cfg, target_dir)
-
-    def build_model(self, dcfg, cfg, head, vocab_map, device):
-        from spec_core.models.attention import resolve_backend
-        from spec_core.models.dflash import DFlashDraft
-        from spec_core.models.dspark import DSparkDraft
-
-        backend = resolve_backend(cfg.draft.attention_backend, device)
-        if backend == "flex" and device.type != "cuda":
-            raise ConfigError(
-                "'draft.attention_backend: flex' cannot train on CPU (flex_attention has no CPU "
-                "backward); use auto or sdpa"
-            )
-        if head.hidden_size != dcfg.hidden_size or head.vocab_size != dcfg.vocab_size:
-            raise ConfigError(
-                f"the {self.name} draft ({dcfg.hidden_size} hidden, {dcfg.vocab_size} vocab) must "
-                f"match the target's lm_head ({head.hidden_size}, {head.vocab_size})"
-            )
-        model_cls = DSparkDraft if self.name == "dspark" else DFlashDraft
-        model = model_cls(dcfg, backend)
-        model.init_weights(torch.Generator().manual_seed(cfg.training.seed))
-        with torch.no_grad():
-            model.embed_tokens.weight.copy_(head.load_embedding())
-            if cfg.draft.init_from_target and head.norm_weight is not None:
-                model.norm.weight.copy_(head.norm_weight)  # logits = target lm_head(norm(h))
-        return model.to(device)
-
-    def objective(self, cfg, dcfg, target):
-        return BlockObjective(cfg, dcfg, target)
-
-
-ALGORITHMS: dict[str, DraftAlgorithm] = {
-    "eagle3": Eagle3Algorithm(),
-    "dflash": BlockAlgorithm("dflash"),
-    "dspark": BlockAlgorithm("dspark"),
-}
-
-
-def get_algorithm(name: str) -> DraftAlgorithm:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
+    def proposer(self, draft: nn.Module, target_config: Any) -> Proposer:
+        """The drafter the evaluator calls; ``target_config`` is the HF target's config."""
         raise ConfigError(
-            f"unknown 'draft.algorithm' {name!r}; valid: {', '.join(ALGORITHMS)}"
-        ) from None
-
-
-def capture_spec_for(cfg: Config, target_num_layers: int) -> CaptureSpec:
-    """What every producer captures for this config; the trainer's batches have the same layout.
-
-    Capture indices are ``draft.capture_indices`` or the algorithm's default for a target with
-    ``target_num_layers`` layers; last hidden states only when the loss reads them (EAGLE-3, and
-    DSpark with its L1 or confidence term - never DFlash or CE-only DSpark).
-    """
-    algo = get_algorithm(cfg.draft.algorithm)
-    indices = cfg.draft.capture_indices or algo.default_capture_indices(
-        cfg.draft, target_num_layers
-    )
-    return CaptureSpec(
-        capture_indices=tuple(int(i) for i in indices),
-        with_last_hidden=algo.needs_last_hidden(cfg.draft),
-        dtype=DTYPES[cfg.inference.dtype],
-    )
+            f"{self.name} drafts have no speculative-decoding proposer yet; set "
+            "evaluation.enabled=false and registry.enabled=false"
+        )

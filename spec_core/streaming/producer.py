@@ -30,7 +30,7 @@ from spec_core.contracts.plan import BatchPlan
 from spec_core.contracts.samples import TENSOR_NAMES, TokenizedSample
 from spec_core.engines.base import HiddenStateEngine
 from spec_core.errors import ConfigError, DataError, ServiceError, SpecflowError
-from spec_core.models.algorithm import capture_spec_for
+from spec_core.models import capture_spec_for
 from spec_core.transfer.mooncake import ManagedProcess
 from spec_core.transfer.queue import Claim, KeyQueue, StopRequested
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key

@@ -29,8 +29,9 @@ from torch import nn
 
 from spec_core.config import Config
 from spec_core.contracts.samples import Batch
-from spec_core.models.algorithm import Objective, get_algorithm
-from spec_core.models.losses import TargetProjection
+from spec_core.models import get_algorithm
+from spec_core.models.algorithm import Objective
+from spec_core.models.common.target import TargetProjection
 from spec_core.training.checkpoint import Checkpointer
 from spec_core.training.fsdp import DistInfo, all_reduce, set_gradient_sync
 from spec_core.training.metrics_log import MetricsWriter
@@ -82,7 +83,7 @@ class Trainer:
         self.draft_config_file = draft_config_file
         self.vocab_map_file = vocab_map_file
         self.objective = objective or get_algorithm(cfg.draft.algorithm).objective(
-            cfg, draft_config, target
+            cfg, draft_config or model.config, target
         )
         self.step = 0
         self.skipped_steps = 0

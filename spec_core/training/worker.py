@@ -22,9 +22,13 @@ from spec_core.config import Config
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.plan import BatchPlan
 from spec_core.errors import ConfigError, SpecflowError
-from spec_core.models.algorithm import get_algorithm
-from spec_core.models.losses import TargetProjection
-from spec_core.models.target import TargetHead, load_target_head, read_target_config
+from spec_core.models import get_algorithm
+from spec_core.models.common.target import (
+    TargetHead,
+    TargetProjection,
+    load_target_head,
+    read_target_config,
+)
 from spec_core.training.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
 from spec_core.training.fsdp import DistInfo, build_mesh, init_distributed, parallelize
 from spec_core.training.inprocess import InProcessSource, TokenizedSplit

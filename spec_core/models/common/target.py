@@ -1,7 +1,7 @@
 """The frozen pieces of the target the trainer needs, read from safetensors without building it.
 
-The EAGLE-3 loss only needs the target's ``lm_head`` (to turn captured last hidden states into
-target distributions), its final norm (only when an engine delivers pre-norm states), and its
+Every draft's loss only needs the target's ``lm_head`` (to turn captured last hidden states into
+target distributions; ``TargetProjection`` is that head as the losses see it), its final norm (only when an engine delivers pre-norm states), and its
 embedding (the draft's frozen input embedding). Loading just those tensors keeps trainer memory at
 a few hundred MB even for large targets, and works for single-file and sharded
 (``model.safetensors.index.json``) checkpoints alike.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from spec_core.config import TargetConfig
@@ -132,3 +133,47 @@ def load_target_head(
         embedding_key=target_cfg.embedding_key,
         config=config,
     )
+
+
+@dataclass
+class TargetProjection:
+    """The target lm_head restricted to the draft vocab (rows in ascending target id).
+
+    ``rest`` holds the remaining rows and is used only to tell whether the target's argmax lies in
+    the draft vocab (for accuracy over all supervised positions); it is None without pruning.
+    """
+
+    weight: torch.Tensor  # [Vd, Ht]
+    rest: Optional[torch.Tensor]  # [V - Vd, Ht]
+    norm_weight: Optional[torch.Tensor] = None  # applied to last hidden states when pre-norm
+    norm_eps: float = 1e-6
+
+    @classmethod
+    def build(
+        cls,
+        lm_head: torch.Tensor,
+        t2d: Optional[torch.Tensor],
+        norm_weight: Optional[torch.Tensor] = None,
+        norm_eps: float = 1e-6,
+        oov_metrics: bool = True,
+    ) -> TargetProjection:
+        if t2d is None:
+            return cls(lm_head, None, norm_weight, norm_eps)
+        keep = t2d.to(device=lm_head.device, dtype=torch.bool)
+        rest = lm_head[~keep].contiguous() if oov_metrics else None
+        return cls(lm_head[keep].contiguous(), rest, norm_weight, norm_eps)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> TargetProjection:
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return TargetProjection(
+            move(self.weight), move(self.rest), move(self.norm_weight), self.norm_eps
+        )
+
+    def prepare(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        if self.norm_weight is None:
+            return last_hidden
+        math = torch.promote_types(last_hidden.dtype, torch.float32)
+        normed = F.rms_norm(last_hidden.to(math), (last_hidden.shape[-1],), eps=self.norm_eps)
+        return self.norm_weight * normed.to(last_hidden.dtype)

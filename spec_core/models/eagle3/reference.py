@@ -1,6 +1,6 @@
 """A deliberately naive EAGLE-3 TTT forward + loss: the test oracle and the benchmark baseline.
 
-It does what TorchSpec's SDPA path does (torchspec.md §6.3-6.4): every step runs on every position,
+It does what TorchSpec's SDPA path does: every step runs on every position,
 attention is an explicit score matrix over the concatenated per-step caches, and the target and
 draft logits are materialized over the whole [B, T, V]. It shares the draft's parameters and must
 agree with ``Eagle3Draft.forward`` on loss, gradients and metrics; it is never used for training.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spec_core.models.attention import apply_rope
-from spec_core.models.eagle3 import Eagle3Draft
-from spec_core.models.losses import NUM_METRICS, label_rows, step_valid
+from spec_core.models.common.layers import apply_rope
+from spec_core.models.eagle3.losses import NUM_METRICS, label_rows, step_valid
+from spec_core.models.eagle3.model import Eagle3Draft
 
 
 def _dense_ttt_attention(q: torch.Tensor, keys: list, values: list) -> torch.Tensor:

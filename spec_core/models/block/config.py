@@ -1,51 +1,28 @@
-"""DFlash: a multi-layer Qwen3-style block drafter over fused target features (torchspec.md §7.1).
+"""The DFlash/DSpark draft's ``config.json`` (``BlockDraftConfig``) and its derivation.
 
-The draft proposes a whole block in one forward: slot 0 holds the last verified token (the
-anchor), slots 1..S-1 a MASK token, and slot k is trained toward the token at anchor + k. Its
-inputs are the target's hidden states at ``len(capture_indices)`` layers spread over the depth
-(``round(1 + i (N-4)/(n-1))`` post-layer, i.e. capture index + 1 in DESIGN §3's convention), fused
-by ``fc`` + ``hidden_norm`` into a context. Attention is dual-source: queries come from the block
-rows, keys/values from [projected context ; block rows] with shared projections, K-norm after the
-concat, RoPE at context positions 0..T-1 and block positions anchor + slot. The target's embedding
-and ``lm_head`` are frozen and shared (the drafter has the target's hidden size); the loss is
-hard-label CE with exponential slot decay (``block_losses``).
-
-Parameter names are the z-lab / SpecForge HF names (anchors.md §5.5): ``fc.weight``,
-``hidden_norm.weight``, ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
-``layers.{i}.self_attn.{q,k}_norm.weight``, ``layers.{i}.mlp.{gate,up,down}_proj.weight``,
-``layers.{i}.{input,post_attention}_layernorm.weight``, ``norm.weight``; ``embed_tokens.weight``
-is the target's and is never checkpointed or exported.
-
-``BlockDraftConfig`` is shared with DSpark (``dspark.py``): the same JSON is the checkpoint's
-``config.json`` and the exported HF ``config.json``.
+The same JSON is the checkpoint's ``config.json`` and the exported HF ``config.json`` (the
+engines' layout: ``dflash_config`` with post-layer ``target_layer_ids`` and ``mask_token_id``,
+``block_size``, ``num_target_layers``; DSpark adds its head settings). The training settings the
+objective reads (``num_anchors``, ``loss_decay_gamma``, the DSpark loss weights) live in
+``specflow``: derived from ``draft.*`` when a run starts, read back on resume and export.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from torch import nn
-
 from spec_core.config import Config
-from spec_core.engines.conventions import capture_from_post_layer_ids, post_layer_ids
-from spec_core.errors import ConfigError
-from spec_core.models.attention import apply_rope, rotary_embedding
-from spec_core.models.block_attention import Attend, BlockPlan, block_attend, block_positions
-from spec_core.models.block_losses import (
-    NUM_METRICS,
-    BlockRows,
-    LossWeights,
-    block_loss,
-    prefix_accept,
+from spec_core.engines.conventions import (
+    capture_from_post_layer_ids,
+    check_capture_indices,
+    post_layer_ids,
 )
-from spec_core.models.draft_config import rope_settings, text_config
-from spec_core.models.eagle3 import RMSNorm
-from spec_core.models.losses import TargetProjection
+from spec_core.errors import ConfigError
+from spec_core.models.block.losses import LossWeights
+from spec_core.models.common.config import DraftConfigBase, rope_settings, text_config
 
 ARCHITECTURES = {"dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}
 DEFAULT_GAMMA = {"dflash": 7.0, "dspark": 4.0}
@@ -56,7 +33,7 @@ MASK_TOKEN_TEXT = "<|MASK|>"
 
 
 @dataclass
-class BlockDraftConfig:
+class BlockDraftConfig(DraftConfigBase):
     algorithm: str  # dflash | dspark
     hidden_size: int
     intermediate_size: int
@@ -67,7 +44,8 @@ class BlockDraftConfig:
     vocab_size: int
     target_hidden_size: int
     target_num_hidden_layers: int
-    capture_indices: list[int]  # DESIGN §3 convention; exported as post-layer ids (-1)
+    # docs/architecture.md §capture-index convention; exported as post-layer ids (-1)
+    capture_indices: list[int]
     block_size: int
     mask_token_id: int
     rms_norm_eps: float = 1e-6
@@ -86,8 +64,31 @@ class BlockDraftConfig:
     specflow: dict[str, Any] = field(default_factory=dict)  # target, anchors, loss settings
 
     @property
-    def aux_dim(self) -> int:
-        return len(self.capture_indices) * self.target_hidden_size
+    def draft_vocab_size(self) -> int:
+        """The drafter reuses the target's full ``lm_head``: never pruned."""
+        return self.vocab_size
+
+    @property
+    def pruned(self) -> bool:
+        return False
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchored blocks per sequence: the ONE source the objective reads (``specflow``)."""
+        return int(self._training_setting("num_anchors"))
+
+    @property
+    def loss_decay_gamma(self) -> float:
+        """Slot decay of the loss weights: the ONE source the objective reads (``specflow``)."""
+        return float(self._training_setting("loss_decay_gamma"))
+
+    def _training_setting(self, key: str) -> Any:
+        if key not in self.specflow:
+            raise ConfigError(
+                f"the {self.algorithm} draft config has no specflow.{key}; it is written when a "
+                "run derives the config - train from a config.json specflow wrote"
+            )
+        return self.specflow[key]
 
     @property
     def target_layer_ids(self) -> list[int]:
@@ -227,25 +228,6 @@ class BlockDraftConfig:
             specflow=specflow,
         )
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> BlockDraftConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read the draft config: {exc}") from None
-        return cls.from_hf_dict(data, source=str(path))
-
 
 def default_layer_ids(num_layers: int, count: int) -> list[int]:
     """Post-layer ids spread over the target: round(1 + i (N-4)/(n-1)), i.e. 1 .. N-3
@@ -268,7 +250,8 @@ def default_layer_ids(num_layers: int, count: int) -> list[int]:
 
 
 def default_capture_indices(num_layers: int, count: int) -> tuple[int, ...]:
-    """DESIGN §3 capture indices (input of layer k = output of layer k-1) of the default spread."""
+    """The default spread as capture indices (input of layer k = output of layer k-1;
+    docs/architecture.md §capture-index)."""
     return tuple(k + 1 for k in default_layer_ids(num_layers, count))
 
 
@@ -331,13 +314,11 @@ def derive_block_config(
         raise ConfigError(f"derive_block_config is for dflash/dspark, got {d.algorithm!r}")
     tgt = text_config(target_config_json)
     num_layers = int(tgt["num_hidden_layers"])
-    capture = list(d.capture_indices or default_capture_indices(num_layers, d.num_capture_layers))
-    bad = [k for k in capture if not 0 <= int(k) < num_layers]
-    if bad or len(set(capture)) != len(capture):
-        raise ConfigError(
-            f"'draft.capture_indices' {capture} invalid for a {num_layers}-layer target: distinct "
-            f"indices in [0, {num_layers - 1}] (0 = embeddings, k = input of layer k)"
-        )
+    capture = (
+        check_capture_indices(d.capture_indices, num_layers)
+        if d.capture_indices
+        else default_capture_indices(num_layers, d.num_capture_layers)
+    )
     base = tgt
     if d.config_path:
         path = Path(d.config_path).expanduser()
@@ -416,221 +397,3 @@ def loss_weights(config: BlockDraftConfig) -> LossWeights:
         l1=float(s.get("l1_weight", 0.9)),
         confidence=float(s.get("confidence_weight", 1.0)) if config.enable_confidence_head else 0.0,
     )
-
-
-# ----------------------------------------------------------------------------- modules
-
-
-class BlockMLP(nn.Module):
-    def __init__(self, config: BlockDraftConfig) -> None:
-        super().__init__()
-        from transformers.activations import ACT2FN
-
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-Rope = tuple[torch.Tensor, torch.Tensor]
-
-
-class BlockAttention(nn.Module):
-    """Dual-source attention: queries from the block rows, keys/values from [context ; block]."""
-
-    def __init__(self, config: BlockDraftConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, rope_q: Rope, rope_k: Rope, attend: Attend
-    ) -> torch.Tensor:
-        """x: [B, Q, H] normed block rows; context: [B, T, H] -> [B, Q, H]."""
-        bsz, q_len, _ = x.shape
-        kv_len = context.shape[1] + q_len
-        q = self.q_norm(self.q_proj(x).view(bsz, q_len, self.num_heads, self.head_dim))
-        k = torch.cat([self.k_proj(context), self.k_proj(x)], dim=1)
-        k = self.k_norm(k.view(bsz, kv_len, self.num_kv_heads, self.head_dim))
-        v = torch.cat([self.v_proj(context), self.v_proj(x)], dim=1)
-        v = v.view(bsz, kv_len, self.num_kv_heads, self.head_dim)
-        out = attend(apply_rope(q, *rope_q), apply_rope(k, *rope_k), v)
-        return self.o_proj(out.reshape(bsz, q_len, -1))
-
-
-class BlockDecoderLayer(nn.Module):
-    def __init__(self, config: BlockDraftConfig) -> None:
-        super().__init__()
-        self.self_attn = BlockAttention(config)
-        self.mlp = BlockMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, h: torch.Tensor, context: torch.Tensor, rope_q: Rope, rope_k: Rope, attend: Attend
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), context, rope_q, rope_k, attend)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class DFlashDraft(nn.Module):
-    """The DFlash drafter; ``forward`` is one training step's loss over a ``BlockPlan``."""
-
-    def __init__(self, config: BlockDraftConfig, attention_backend: str = "sdpa") -> None:
-        super().__init__()
-        self.config = config
-        self.attention_backend = attention_backend
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(config.aux_dim, config.hidden_size, bias=False)
-        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.layers = nn.ModuleList(
-            BlockDecoderLayer(config) for _ in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = rotary_embedding(
-            config.head_dim,
-            config.rope_theta,
-            config.rope_scaling,
-            config.max_position_embeddings,
-            config.hidden_size,
-            config.num_attention_heads,
-        )
-        self.loss_weights = loss_weights(config)
-
-    @torch.no_grad()
-    def init_weights(self, generator: Optional[torch.Generator] = None, std: float = 0.02) -> None:
-        """normal(0, std) weights, norms at 1, biases at 0; the frozen embedding is untouched."""
-        for name, param in self.named_parameters():
-            if name == "embed_tokens.weight":
-                continue
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-    # ---- backbone --------------------------------------------------------------------------
-
-    def noise_ids(
-        self, input_ids: torch.Tensor, anchors: torch.Tensor, keep: torch.Tensor
-    ) -> torch.Tensor:
-        """[B, A, S] block inputs: the anchor token in slot 0 (MASK for padding blocks), MASK after."""
-        mask_id = self.config.mask_token_id
-        ids = torch.full(
-            (*anchors.shape, self.config.block_size),
-            mask_id,
-            dtype=torch.long,
-            device=anchors.device,
-        )
-        first = input_ids.gather(1, anchors).clamp(0, self.config.vocab_size - 1)
-        ids[:, :, 0] = torch.where(keep, first, torch.full_like(first, mask_id))
-        return ids
-
-    def backbone(
-        self,
-        input_ids: torch.Tensor,
-        aux_hidden: torch.Tensor,
-        anchors: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> torch.Tensor:
-        """Block hidden states after the final norm: [B, A, S, H]."""
-        bsz, length = input_ids.shape
-        size = self.config.block_size
-        dtype = self.fc.weight.dtype
-        context = self.hidden_norm(self.fc(aux_hidden.to(dtype)))
-        h = self.embed_tokens(self.noise_ids(input_ids, anchors, keep).flatten(1)).to(dtype)
-        positions = torch.cat(
-            [
-                torch.arange(length, device=anchors.device).expand(bsz, length),
-                block_positions(anchors, size),
-            ],
-            dim=1,
-        )
-        cos, sin = self.rotary_emb(h, positions)
-        rope_k = (cos, sin)
-        rope_q = (cos[:, length:], sin[:, length:])
-        attend = block_attend(self.attention_backend, anchors, keep, length, size)
-        for layer in self.layers:
-            h = layer(h, context, rope_q, rope_k, attend)
-        return self.norm(h).view(bsz, anchors.shape[1], size, -1)
-
-    def prediction_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, A, S, H] -> [B, A, P, H]: the slots that make predictions 0..P-1."""
-        offset = self.config.slot_offset
-        return hidden[:, :, offset : offset + self.config.num_predictions]
-
-    # ---- training ----------------------------------------------------------------------------
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        aux_hidden: torch.Tensor,
-        plan: BlockPlan,
-        target: TargetProjection,
-        scale: torch.Tensor,
-        chunk_rows: int = 1024,
-        last_hidden: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled loss, per-prediction metric sums [P, NUM_METRICS]) for one micro-batch."""
-        hidden = self.backbone(input_ids, aux_hidden, plan.anchors, plan.keep)
-        pred = self.prediction_hidden(hidden)
-        sel = plan.mask
-        if not bool(sel.any()):
-            return self._untouched_loss(hidden), self._zero_metrics(hidden.device)
-        labels = input_ids.gather(1, plan.label_pos.flatten(1)).view_as(plan.label_pos)
-        labels = labels.clamp(0, self.config.vocab_size - 1)  # engine pad ids past the vocab
-        slots = torch.arange(self.config.num_predictions, device=sel.device).expand_as(sel)
-        rows = BlockRows(
-            x=pred[sel],
-            labels=labels[sel],
-            weight=plan.weight[sel],
-            slot=slots[sel],
-        )
-        bias_weight = self.add_head_inputs(rows, input_ids, pred, plan, target, last_hidden)
-        loss, metrics, alpha = block_loss(
-            rows,
-            target.weight,
-            self.config.num_predictions,
-            scale,
-            self.loss_weights,
-            bias_weight=bias_weight,
-            chunk_rows=chunk_rows,
-        )
-        if alpha is not None:
-            prefix_accept(alpha, sel, metrics)
-        return loss, metrics
-
-    def add_head_inputs(
-        self,
-        rows: BlockRows,
-        input_ids: torch.Tensor,
-        pred: torch.Tensor,
-        plan: BlockPlan,
-        target: TargetProjection,
-        last_hidden: Optional[torch.Tensor],
-    ) -> Optional[torch.Tensor]:
-        """DSpark hook (Markov latent, target rows, confidence); returns the Markov ``W2``."""
-        return None
-
-    def _untouched_loss(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Nothing supervised: a zero loss that still reaches every trainable weight."""
-        touch = hidden.sum() + sum(p.sum() for p in self.parameters() if p.requires_grad)
-        return touch * 0.0
-
-    def _zero_metrics(self, device: torch.device) -> torch.Tensor:
-        return torch.zeros(
-            self.config.num_predictions, NUM_METRICS, dtype=torch.float64, device=device
-        )

@@ -1,6 +1,7 @@
 """The EAGLE-3 draft: one Llama decoder layer over [norm(embedding) ‖ norm(hidden)].
 
-Module and parameter names are the HF export names (anchors.md §5.1), so exporting is a plain
+Module and parameter names are the HF export names (docs/architecture.md §export-format), so
+exporting is a plain
 state-dict save: ``embed_tokens.weight`` (frozen target embedding), ``fc.weight``,
 ``midlayer.self_attn.{q,k,v,o}_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``,
 ``midlayer.{hidden_norm,input_layernorm,post_attention_layernorm}.weight``, ``norm.weight``,
@@ -26,18 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spec_core.models.attention import (
-    apply_rope,
+from spec_core.models.common.layers import MLP, RMSNorm, apply_rope, rotary_embedding
+from spec_core.models.common.target import TargetProjection
+from spec_core.models.eagle3.attention import (
     cached_attention,
     causal_attention,
-    rotary_embedding,
     ttt_attention_flex,
     ttt_attention_sdpa,
 )
-from spec_core.models.draft_config import Eagle3Config
-from spec_core.models.losses import (
+from spec_core.models.eagle3.config import Eagle3Config
+from spec_core.models.eagle3.losses import (
     NUM_METRICS,
-    TargetProjection,
     chunked_soft_ce,
     label_rows,
     step_valid,
@@ -45,21 +45,6 @@ from spec_core.models.losses import (
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 KVCache = tuple[torch.Tensor, torch.Tensor]
-
-
-class RMSNorm(nn.Module):
-    """Llama RMSNorm (normalize in fp32, scale in the input dtype)."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(
-            x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps
-        )
-        return self.weight * normed.to(x.dtype)
 
 
 class Eagle3Attention(nn.Module):
@@ -87,27 +72,13 @@ class Eagle3Attention(nn.Module):
         return self.o_proj(out.reshape(*lead, -1)), k, v
 
 
-class Eagle3MLP(nn.Module):
-    def __init__(self, config: Eagle3Config) -> None:
-        super().__init__()
-        from transformers.activations import ACT2FN
-
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Eagle3DecoderLayer(nn.Module):
     """``h = hidden + Attn([norm_in(e) ‖ norm_hidden(hidden)]); h = h + MLP(norm_post(h))``."""
 
     def __init__(self, config: Eagle3Config) -> None:
         super().__init__()
         self.self_attn = Eagle3Attention(config)
-        self.mlp = Eagle3MLP(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

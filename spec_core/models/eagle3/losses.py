@@ -1,8 +1,8 @@
 """EAGLE-3 alignment, the chunked soft-label loss, and its metrics.
 
-Alignment (DESIGN §3): for a sequence x_0..x_{T-1}, TTT step k at position t feeds embed(x_{t+1+k})
-and is trained toward softmax(z_{t+1+k}) = the target's distribution of x_{t+2+k}; it counts iff
-x_{t+2+k} exists and is supervised. "Target row" u = t+1+k is the position whose last hidden state
+Alignment (docs/architecture.md §training-alignment): for a sequence x_0..x_{T-1}, TTT step k at
+position t feeds embed(x_{t+1+k}) and is trained toward softmax(z_{t+1+k}) = the target's
+distribution of x_{t+2+k}; it counts iff x_{t+2+k} exists and is supervised. "Target row" u = t+1+k is the position whose last hidden state
 gives that distribution, so one target row serves up to K (step, position) pairs: target
 probabilities are computed once per row and reused by every step that needs them.
 
@@ -14,11 +14,11 @@ B x T is, and each target row's probabilities are computed exactly once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from spec_core.models.common.target import TargetProjection
 
 # Columns of the per-step metric sums (all-reduced SUM across micro-batches and ranks).
 M_COUNT, M_CE, M_CORRECT, M_IN_VOCAB = range(4)
@@ -68,50 +68,6 @@ def pooled_scales(
     w = step_weights(num_steps, decay)
     scale = torch.where(counts > 0, w / counts.clamp(min=1), torch.zeros_like(w))
     return scale * world_size
-
-
-@dataclass
-class TargetProjection:
-    """The target lm_head restricted to the draft vocab (rows in ascending target id).
-
-    ``rest`` holds the remaining rows and is used only to tell whether the target's argmax lies in
-    the draft vocab (for accuracy over all supervised positions); it is None without pruning.
-    """
-
-    weight: torch.Tensor  # [Vd, Ht]
-    rest: Optional[torch.Tensor]  # [V - Vd, Ht]
-    norm_weight: Optional[torch.Tensor] = None  # applied to last hidden states when pre-norm
-    norm_eps: float = 1e-6
-
-    @classmethod
-    def build(
-        cls,
-        lm_head: torch.Tensor,
-        t2d: Optional[torch.Tensor],
-        norm_weight: Optional[torch.Tensor] = None,
-        norm_eps: float = 1e-6,
-        oov_metrics: bool = True,
-    ) -> TargetProjection:
-        if t2d is None:
-            return cls(lm_head, None, norm_weight, norm_eps)
-        keep = t2d.to(device=lm_head.device, dtype=torch.bool)
-        rest = lm_head[~keep].contiguous() if oov_metrics else None
-        return cls(lm_head[keep].contiguous(), rest, norm_weight, norm_eps)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> TargetProjection:
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        return TargetProjection(
-            move(self.weight), move(self.rest), move(self.norm_weight), self.norm_eps
-        )
-
-    def prepare(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        if self.norm_weight is None:
-            return last_hidden
-        math = torch.promote_types(last_hidden.dtype, torch.float32)
-        normed = F.rms_norm(last_hidden.to(math), (last_hidden.shape[-1],), eps=self.norm_eps)
-        return self.norm_weight * normed.to(last_hidden.dtype)
 
 
 class _ChunkedSoftCE(torch.autograd.Function):

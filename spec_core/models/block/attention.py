@@ -1,6 +1,6 @@
 """Block-parallel drafting layout (DFlash, DSpark): anchors, labels, the block mask, attention.
 
-One training forward drafts ``A`` blocks of ``S`` slots per sequence at once (torchspec.md §7):
+One training forward drafts ``A`` blocks of ``S`` slots per sequence at once:
 
 * **Anchors** are sampled among positions p with ``loss_mask[p] = loss_mask[p+1] = 1`` (the anchor
   is a response token and its first label is supervised), uniformly without replacement, sorted.

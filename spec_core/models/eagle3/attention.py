@@ -1,10 +1,10 @@
-"""Attention cores for the EAGLE-3 draft: RoPE, incremental decoding, and the TTT pattern.
+"""Attention cores for the EAGLE-3 draft: incremental decoding and the TTT pattern.
 
 Layout: token-major ``[..., N, heads, head_dim]`` everywhere, so the same layer code runs on a dense
 ``[B, T]`` block (TTT step 0, decoding) and on a packed ``[n]`` list of rows (TTT steps >= 1, which
 only visit positions that still lead to a supervised label).
 
-TTT pattern (torchspec.md §6.3): at unroll step k the query at position t attends to
+TTT pattern: at unroll step k the query at position t attends to
   (a) step-0 keys at positions 0..t of its own sequence (the prefix built from target features), and
   (b) its own diagonal entry of every step 1..k (the draft's previous guesses at this position,
       itself included),
@@ -19,59 +19,10 @@ backward on CPU).
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-BACKENDS = ("sdpa", "flex")
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` = flex on CUDA, sdpa elsewhere (flex cannot train on CPU)."""
-    if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
-    return name
-
-
-def rotary_embedding(
-    head_dim: int,
-    rope_theta: float,
-    rope_scaling: Optional[dict[str, Any]],
-    max_position_embeddings: int,
-    hidden_size: int,
-    num_attention_heads: int,
-) -> nn.Module:
-    """HF's Llama RoPE module (all scaling types); ``forward(x, position_ids) -> (cos, sin)``.
-
-    Its buffers are non-persistent, so it never shows up in a state dict.
-    """
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    config = LlamaConfig(
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-    )
-    return LlamaRotaryEmbedding(config)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., N, heads, d]; cos/sin: [..., N, d] (Llama/NeoX half-rotation convention)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return x * cos + rotate_half(x) * sin
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

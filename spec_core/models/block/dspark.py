@@ -1,4 +1,4 @@
-"""DSpark: the DFlash backbone plus a Markov head and a confidence head (torchspec.md §7.2).
+"""DSpark: the DFlash backbone plus a Markov head and a confidence head.
 
 Differences from DFlash (``dflash.py``):
 
@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spec_core.models.block_attention import BlockPlan
-from spec_core.models.block_losses import BlockRows
-from spec_core.models.dflash import BlockDraftConfig, DFlashDraft
-from spec_core.models.losses import TargetProjection
+from spec_core.models.block.attention import BlockPlan
+from spec_core.models.block.config import BlockDraftConfig
+from spec_core.models.block.dflash import DFlashDraft
+from spec_core.models.block.losses import BlockRows
+from spec_core.models.common.target import TargetProjection
 
 MARKOV_HEADS = ("vanilla", "gated", "rnn")
 

@@ -8,21 +8,21 @@ TorchSpec derives head_dim as hidden/heads, which is wrong for targets where the
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from spec_core.config import DraftConfig
+from spec_core.engines.conventions import check_capture_indices
 from spec_core.errors import ConfigError
+from spec_core.models.common.config import DraftConfigBase, rope_settings, text_config
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 
 @dataclass
-class Eagle3Config:
+class Eagle3Config(DraftConfigBase):
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
@@ -48,15 +48,16 @@ class Eagle3Config:
 
     @property
     def ttt_length(self) -> int:
+        """TTT unroll depth: the ONE source the objective reads (``specflow.ttt_length``).
+
+        Derived from ``draft.ttt_length`` when a run starts; read back from ``config.json`` on
+        resume, export and evaluation, so a resumed run keeps the depth its weights trained with.
+        """
         return int(self.specflow.get("ttt_length", 7))
 
     @property
     def pruned(self) -> bool:
         return self.draft_vocab_size < self.vocab_size
-
-    @property
-    def aux_dim(self) -> int:
-        return len(self.capture_indices) * self.target_hidden_size
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` SGLang and vLLM load (``LlamaConfig`` fields + EAGLE-3 extras)."""
@@ -111,52 +112,10 @@ class Eagle3Config:
             specflow=dict(data.get("specflow") or {}),
         )
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Eagle3Config:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read the draft config: {exc}") from None
-        return cls.from_hf_dict(data, source=str(path))
-
-
-def rope_settings(cfg: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
-    """(rope_theta, rope_scaling) from a transformers 4 (``rope_theta``/``rope_scaling``) or 5
-    (``rope_parameters``) config; scaling is None for plain RoPE."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        theta = float(params["rope_theta"])
-    else:
-        scaling = copy.deepcopy(cfg.get("rope_scaling"))
-        theta = float(cfg.get("rope_theta", 10000.0))
-    if scaling:
-        scaling = dict(scaling)
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-        if scaling.get("rope_type", "default") == "default" and len(scaling) <= 1:
-            scaling = None
-    return theta, scaling or None
-
-
-def text_config(target: dict[str, Any]) -> dict[str, Any]:
-    """The language-model part of a target config (VLM configs nest it under text_config)."""
-    return target.get("text_config") or target
-
 
 def default_capture_indices(num_layers: int) -> tuple[int, ...]:
-    """DESIGN §3: capture index k = HF ``output_hidden_states[k]``; EAGLE-3 uses (2, N//2, N-3)."""
+    """EAGLE-3's default capture indices (2, N//2, N-3); capture index k = HF
+    ``output_hidden_states[k]`` (docs/architecture.md §capture-index)."""
     if num_layers < 4:
         raise ConfigError(
             f"the target has {num_layers} layers; EAGLE-3's default capture indices (2, N//2, N-3) "
@@ -178,13 +137,11 @@ def derive_eagle3_config(
     """
     tgt = text_config(target_config_json)
     num_layers = int(tgt["num_hidden_layers"])
-    capture = tuple(draft_cfg.capture_indices or default_capture_indices(num_layers))
-    bad = [k for k in capture if not 0 <= int(k) < num_layers]
-    if bad:
-        raise ConfigError(
-            f"'draft.capture_indices' {list(capture)} invalid for a {num_layers}-layer target: "
-            f"each must be in [0, {num_layers - 1}] (0 = embeddings, k = input of layer k)"
-        )
+    capture = (
+        check_capture_indices(draft_cfg.capture_indices, num_layers)
+        if draft_cfg.capture_indices
+        else default_capture_indices(num_layers)
+    )
     vocab = int(tgt["vocab_size"])
     if not 0 < draft_vocab_size <= vocab:
         raise ConfigError(

@@ -1,0 +1,1 @@
+"""DFlash and DSpark: config, models, block attention, block losses, objective, export parts."""

@@ -1,0 +1,96 @@
+"""What every draft config shares: one ``config.json`` format, one save and one load.
+
+A draft config is both the checkpoint's ``config.json`` and the exported HF ``config.json`` (the
+engines' layout), so each algorithm's config class only says how it maps to and from that dict
+(``to_hf_dict`` / ``from_hf_dict``); writing and reading the file live here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from spec_core.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+
+Self = TypeVar("Self", bound="DraftConfigBase")
+
+
+class DraftConfigBase:
+    """Base of the draft config dataclasses: ``save``/``load`` over ``to_hf_dict`` and
+    ``from_hf_dict``."""
+
+    capture_indices: Any
+    vocab_size: int
+    target_hidden_size: int
+    torch_dtype: str
+    specflow: dict[str, Any]
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_hf_dict(cls: type[Self], data: dict[str, Any], source: str = "draft config") -> Self:
+        raise NotImplementedError
+
+    @property
+    def aux_dim(self) -> int:
+        """Width of the fused target features: one ``target_hidden_size`` slice per capture."""
+        return len(self.capture_indices) * self.target_hidden_size
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls: type[Self], path: str | Path) -> Self:
+        """A ``config.json`` (or the dir holding one) -> this config class."""
+        path = config_file(path)
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
+
+
+def config_file(path: str | Path) -> Path:
+    """``path`` itself, or its ``config.json`` when ``path`` is a dir."""
+    path = Path(path)
+    return path / CONFIG_FILE if path.is_dir() else path
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The JSON of a draft ``config.json`` (or of the dir holding one), errors as one line."""
+    path = config_file(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the draft config: {exc}") from None
+
+
+def rope_settings(cfg: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, rope_scaling) from a transformers 4 (``rope_theta``/``rope_scaling``) or 5
+    (``rope_parameters``) config; scaling is None for plain RoPE."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = float(params["rope_theta"])
+    else:
+        scaling = copy.deepcopy(cfg.get("rope_scaling"))
+        theta = float(cfg.get("rope_theta", 10000.0))
+    if scaling:
+        scaling = dict(scaling)
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        if scaling.get("rope_type", "default") == "default" and len(scaling) <= 1:
+            scaling = None
+    return theta, scaling or None
+
+
+def text_config(target: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a target config (VLM configs nest it under text_config)."""
+    return target.get("text_config") or target

@@ -1,0 +1,92 @@
+"""Layers every draft shares: RMSNorm, the gated MLP, RoPE and the attention-backend choice.
+
+EAGLE-3 and DFlash/DSpark decoder layers are Llama/Qwen3 layers with the same norm, MLP and RoPE
+math; keeping them here means an engine-parity fix lands in every draft at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("sdpa", "flex")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` = flex on CUDA, sdpa elsewhere (flex cannot train on CPU)."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def rotary_embedding(
+    head_dim: int,
+    rope_theta: float,
+    rope_scaling: Optional[dict[str, Any]],
+    max_position_embeddings: int,
+    hidden_size: int,
+    num_attention_heads: int,
+) -> nn.Module:
+    """HF's Llama RoPE module (all scaling types); ``forward(x, position_ids) -> (cos, sin)``.
+
+    Its buffers are non-persistent, so it never shows up in a state dict.
+    """
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+    )
+    return LlamaRotaryEmbedding(config)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., N, heads, d]; cos/sin: [..., N, d] (Llama/NeoX half-rotation convention)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm (normalize in fp32, scale in the input dtype)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(
+            x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps
+        )
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Llama gated MLP: ``down(act(gate(x)) * up(x))``, parameter names as the engines load them."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
