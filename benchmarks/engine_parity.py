@@ -52,13 +52,11 @@ def load_prompts(cfg, num_samples: int):
     """Chitchat conversations rendered with the target's chat template, as TokenizedSamples."""
     from transformers import AutoTokenizer
 
-    from spec_core.assets import resolve_dataset_path, resolve_target_path
+    from spec_core.assets import resolve_dataset, resolve_target
     from spec_core.contracts.samples import TokenizedSample
-    from spec_core.paths import cache_dir
 
-    cache = cache_dir(cfg)
-    target = resolve_target_path(cfg.target.path, cache, cfg.target.dtype)
-    data = resolve_dataset_path(cfg.dataset.path, cache)
+    target = resolve_target(cfg)
+    data = resolve_dataset(cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     samples = []
     with open(data) as fh:

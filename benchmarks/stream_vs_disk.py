@@ -263,7 +263,7 @@ def run_stream(
 def main() -> int:
     if len(sys.argv) == 3:
         return _child(sys.argv[1:])
-    from spec_core.assets import resolve_target_path
+    from spec_core.assets import resolve_target
     from spec_core.data.tokenize import prepare_dataset
     from spec_core.paths import cache_dir
     from spec_core.vocab import build_vocab_map, target_vocab_size
@@ -271,7 +271,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="stream-vs-disk-") as tmp_name:
         tmp = Path(tmp_name)
         cfg = load_config(None, [*OVERRIDES, f"run.output_dir={tmp / 'out'}"])
-        target_dir = resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
+        target_dir = resolve_target(cfg)
         prepared = prepare_dataset(
             cfg.dataset, target_dir, tmp / "work", cache_dir(cfg), progress=False
         )

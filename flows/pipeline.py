@@ -44,8 +44,8 @@ from spec_core.errors import SpecflowError
 from spec_core.metrics import pipeline_perf
 from spec_core.paths import RunPaths
 from spec_core.streaming.supervisor import Child, coroutine_child, run_concurrently
-from spec_core.transfer.mooncake import free_port
 from spec_core.transfer.services import ServiceAddresses
+from spec_core.utils.net import free_port
 from tasks.data import (
     build_vocab_map,
     missing_outputs,

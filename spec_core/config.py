@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from spec_core.contracts.capture import check_capture_indices
 from spec_core.errors import ConfigError
+from spec_core.utils.files import atomic_write_text
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -497,9 +498,4 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config next to a run's outputs (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, to_yaml(cfg))

@@ -38,6 +38,7 @@ from spec_core.data.conversation import Conversation, Message
 from spec_core.errors import ConfigError, DataError, SpecflowError
 from spec_core.models import algorithm_of
 from spec_core.models.algorithm import Proposer
+from spec_core.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,7 @@ def evaluate_prompts(
     with the eval-set hash (prompts + decoding settings + target revision)."""
     from transformers import AutoTokenizer
 
-    from spec_core.data.regenerate import target_fingerprint
+    from spec_core.utils.fingerprint import target_fingerprint
 
     target_dir = Path(target_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
@@ -458,9 +459,7 @@ def evaluate_draft(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
-    tmp.replace(result_path)
+    atomic_write_json(result_path, result, sort_keys=True)
     result["result_path"] = str(result_path)
     result["plot_path"] = str(plot_acceptance(result, out_dir / PLOT_FILE))
     return result
@@ -525,7 +524,7 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``specflow evaluate --draft HF_DIR [--config C] [overrides]``: tau on held-out prompts."""
-    from spec_core.assets import resolve_target_path
+    from spec_core.assets import resolve_target
     from spec_core.config import load_config
     from spec_core.data.tokenize import prepare_dataset
     from spec_core.paths import RunPaths, cache_dir
@@ -539,7 +538,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     paths = RunPaths.from_config(cfg)
-    target_dir = resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
+    target_dir = resolve_target(cfg)
     eval_path = args.eval_data
     if eval_path is None:
         prepared = prepare_dataset(cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg))

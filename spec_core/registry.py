@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from spec_core.config import Config, RegistryConfig
 from spec_core.errors import ConfigError, ServiceError
+from spec_core.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def tracking_settings(reg: RegistryConfig, output_dir: str | Path) -> TrackingSe
     """Tracking URI and artifact root: the config's, else a sqlite file and ``mlartifacts`` under
     the output dir (an explicit artifact root: with sqlite and none, MLflow writes ``./mlruns``
     relative to whatever the current directory is)."""
-    output_dir = Path(output_dir).expanduser().resolve()
-    uri = reg.tracking_uri or f"sqlite:///{output_dir / 'mlflow.db'}"
-    artifacts = reg.artifact_location or str(output_dir / "mlartifacts")
+    layout = RunPaths(Path(output_dir).expanduser().resolve(), run_id="")
+    uri = reg.tracking_uri or f"sqlite:///{layout.mlflow_db}"
+    artifacts = reg.artifact_location or str(layout.mlflow_artifacts)
     ui = reg.ui_url or (uri if uri.startswith(("http://", "https://")) else None)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,9 @@ def _run_paths(cfg: Any, run_dir: str) -> RunPaths:
 
 
 def _target_dir(cfg: Any) -> Path:
-    from spec_core.assets import resolve_target_path
-    from spec_core.paths import cache_dir
+    from spec_core.assets import resolve_target
 
-    return resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
+    return resolve_target(cfg)
 
 
 @task(name="convert_to_hf", task_run_name="convert-to-hf")

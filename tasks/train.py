@@ -22,7 +22,8 @@ from spec_core.contracts.plan import BatchPlan
 from spec_core.metrics import read_records, train_records, trainer_perf
 from spec_core.training.job import TrainJob
 from spec_core.training.launcher import launch_training
-from tasks.processes import OWNED, LogTail, ProcessGroup
+from spec_core.utils.procs import ProcessGroup
+from tasks.processes import OWNED, LogTail
 from tasks.services import flow_run_id
 
 TRAINING_PROGRESS_KEY = "training-progress"
@@ -59,9 +60,9 @@ async def train_draft(
     owner = flow_run_id()
     groups: list[ProcessGroup] = []
 
-    def started(popen: Any) -> None:
-        groups.append(ProcessGroup(popen))
-        OWNED.add(owner, groups[-1])
+    def started(group: ProcessGroup) -> None:
+        groups.append(group)
+        OWNED.add(owner, group)
 
     launch = asyncio.ensure_future(
         asyncio.to_thread(

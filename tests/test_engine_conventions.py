@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from spec_core.config import load_config
-from spec_core.contracts.capture import capture_indices_from_hf, check_capture_indices
-from spec_core.engines.conventions import (
-    sglang_hook_targets,
+from spec_core.contracts.capture import (
+    capture_indices_from_hf,
+    check_capture_indices,
     sglang_layer_ids,
-    vllm_extract_plan,
     vllm_layer_ids,
 )
+from spec_core.engines.conventions import sglang_hook_targets, vllm_extract_plan
 from spec_core.errors import ConfigError
 
 

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from spec_core.transfer.queue import Claim, DataPlan, KeyQueue, start_queue_server
+from spec_core.contracts.plan import DataPlan
+from spec_core.transfer.queue import Claim, KeyQueue, start_queue_server
 
 CLIENTS = 8
 ROUNDS = 40

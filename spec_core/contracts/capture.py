@@ -96,3 +96,13 @@ def capture_indices_from_hf(config: dict[str, Any]) -> list[int]:
     if eagle.get("eagle_aux_hidden_state_layer_ids"):
         return capture_from_post_layer_ids(eagle["eagle_aux_hidden_state_layer_ids"])
     raise ConfigError("draft config has no aux-layer ids (specflow, top-level or eagle_config)")
+
+
+def vllm_layer_ids(capture: Sequence[int]) -> list[int]:
+    """vLLM's ``eagle_aux_hidden_state_layer_ids`` (draft config and extraction): = capture."""
+    return list(check_capture_indices(capture))
+
+
+def sglang_layer_ids(capture: Sequence[int]) -> list[int]:
+    """SGLang's post-layer ids (``eagle_config`` / ``set_eagle3_layers_to_capture``): capture - 1."""
+    return post_layer_ids(capture)

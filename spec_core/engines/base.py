@@ -10,8 +10,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-# MERGE-TODO: models/algorithm.py imports CaptureSpec from here until the merge; rewire it to
-# spec_core.contracts.capture (this import stays: the interface uses it).
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import CapturedSample, TokenizedSample
 from spec_core.errors import DataError

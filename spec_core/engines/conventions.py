@@ -24,22 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from spec_core.contracts.capture import check_capture_indices, post_layer_ids
-
-# isort: off
-# MERGE-TODO: re-export for models/export until the merge
-from spec_core.contracts.capture import capture_from_post_layer_ids, capture_indices_from_hf  # noqa: F401
-# isort: on
-
-
-def vllm_layer_ids(capture: Sequence[int]) -> list[int]:
-    """vLLM's ``eagle_aux_hidden_state_layer_ids`` (draft config and extraction): = capture."""
-    return list(check_capture_indices(capture))
-
-
-def sglang_layer_ids(capture: Sequence[int]) -> list[int]:
-    """SGLang's post-layer ids (``eagle_config`` / ``set_eagle3_layers_to_capture``): capture - 1."""
-    return post_layer_ids(capture)
+from spec_core.contracts.capture import check_capture_indices
 
 
 @dataclass(frozen=True)

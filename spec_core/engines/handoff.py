@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from spec_core.errors import ServiceError
+from spec_core.utils.files import atomic_write_json
 
 DTYPES = {
     "float32": torch.float32,
@@ -83,11 +84,7 @@ def write_bundle(directory: str | Path, name: str, tensors: dict[str, torch.Tens
             fh.write(raw.data)
             header[key] = {"dtype": dtype, "shape": list(cpu.shape), "offset": offset}
             offset += raw.nbytes
-    meta_tmp = directory / f".{name}.json.tmp"
-    meta_tmp.write_text(json.dumps({"nbytes": offset, "tensors": header}))
-    meta_path = directory / f"{name}.json"
-    meta_tmp.replace(meta_path)
-    return meta_path
+    return atomic_write_json(directory / f"{name}.json", {"nbytes": offset, "tensors": header})
 
 
 def bundle_names(directory: str | Path) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from spec_core.models.common.hf import (
     sglang_layer_ids,
     vllm_layer_ids,
 )
+from spec_core.utils.files import staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ def export_draft(
     meta = _provenance(ckpt, target_dir, vocab_map is not None, provenance or {})
     hf_config = algo.export_config(config, meta)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     try:
         _write_dir(tmp, hf_config, state, meta)
         checks = validate_export(tmp, target_dir)
@@ -181,7 +179,7 @@ def _provenance(
         "post_pruned": post_pruned,
     }
     if target_dir is not None:
-        from spec_core.data.regenerate import target_fingerprint
+        from spec_core.utils.fingerprint import target_fingerprint
 
         meta["target_revision"] = target_fingerprint(Path(target_dir))[:16]
     meta.update({k: v for k, v in extra.items() if v is not None})

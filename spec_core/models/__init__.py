@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from spec_core.config import Config
-from spec_core.engines.base import CaptureSpec
+from spec_core.contracts.capture import CaptureSpec
 from spec_core.errors import ConfigError
 from spec_core.models.algorithm import DraftAlgorithm
 from spec_core.models.block.algorithm import BlockAlgorithm

@@ -37,8 +37,8 @@ from spec_core.models.common.hf import ExportError
 from spec_core.models.common.target import TargetProjection
 
 if TYPE_CHECKING:
+    from spec_core.contracts.samples import Batch
     from spec_core.models.common.target import TargetHead
-    from spec_core.training.sources import Batch
 
 # (ok, check name, message): records a passed check or raises ExportError with the message
 Require = Callable[[bool, str, str], None]

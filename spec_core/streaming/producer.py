@@ -35,6 +35,7 @@ from spec_core.transfer.mooncake import ManagedProcess
 from spec_core.transfer.queue import Claim, KeyQueue, StopRequested
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 from spec_core.transfer.services import ServiceAddresses
+from spec_core.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +174,9 @@ def run_producer(
     try:
         store = addresses.connect_store(t)
         if engine is None:
-            from spec_core.assets import resolve_target_path
-            from spec_core.paths import cache_dir
+            from spec_core.assets import resolve_target
 
-            target = (
-                Path(target_dir)
-                if target_dir
-                else resolve_target_path(cfg.target.path, cache_dir(cfg), cfg.target.dtype)
-            )
+            target = Path(target_dir) if target_dir else resolve_target(cfg)
             engine = build_engine(cfg, target)
         vocab_size = _vocab_size(engine)
 
@@ -338,12 +334,7 @@ class ProducerJob:
         return cls(config=config_to_dict(cfg), services=addresses.to_dict(), **fields)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> ProducerJob:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from spec_core.config import Config, config_from_dict, config_to_dict
 from spec_core.errors import ConfigError
+from spec_core.utils.files import atomic_write_json
 
 SOURCES = ("inprocess", "stream")
 
@@ -74,12 +74,7 @@ class TrainJob:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainJob:

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-# MERGE-TODO: models/algorithm.py imports Batch from here until the merge; rewire it to
-# spec_core.contracts.samples (this import stays: StepData uses it).
 from spec_core.contracts.samples import Batch
 
 

@@ -9,7 +9,6 @@ optimizer/schedule, restores a checkpoint if asked, and runs the ``Trainer``. Us
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ from spec_core.training.optim import build_optimizer
 from spec_core.training.schedule import build_scheduler
 from spec_core.training.sources import SampleSource, SampleSpec
 from spec_core.training.trainer import Trainer
+from spec_core.utils.files import atomic_write_json
 
 log = logging.getLogger("spec_core.training.worker")
 
@@ -227,9 +227,7 @@ def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
         source.close()
     summary.update(metrics_file=str(job.metrics_file), run_dir=str(run_dir))
     if info.is_main:
-        tmp = job.result_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        tmp.replace(job.result_file)
+        atomic_write_json(job.result_file, summary, sort_keys=True)
     return summary
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from spec_core.config import TransferConfig
+from spec_core.contracts.plan import DataPlan
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.transfer.mooncake import (
     MB,
@@ -31,7 +32,7 @@ from spec_core.transfer.mooncake import (
     start_metadata_server,
     start_segment_holder,
 )
-from spec_core.transfer.queue import DataPlan, KeyQueue, start_queue_server
+from spec_core.transfer.queue import KeyQueue, start_queue_server
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from spec_core.models.common.layers import resolve_backend
 from spec_core.models.common.target import TargetProjection
 
 if TYPE_CHECKING:
-    from spec_core.training.sources import Batch
+    from spec_core.contracts.samples import Batch
 
 
 class BlockObjective(Objective):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from spec_core.config import Config
-from spec_core.engines.conventions import (
+from spec_core.contracts.capture import (
     capture_from_post_layer_ids,
     check_capture_indices,
     post_layer_ids,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from spec_core.errors import ConfigError
+from spec_core.utils.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 
@@ -43,12 +43,9 @@ class DraftConfigBase:
         return len(self.capture_indices) * self.target_hidden_size
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(
+            path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+        )
 
     @classmethod
     def load(cls: type[Self], path: str | Path) -> Self:

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from spec_core.engines.conventions import capture_indices_from_hf as hf_capture_indices
-from spec_core.engines.conventions import sglang_layer_ids as sglang_ids
-from spec_core.engines.conventions import vllm_layer_ids as vllm_ids
+from spec_core.contracts.capture import capture_indices_from_hf as hf_capture_indices
+from spec_core.contracts.capture import sglang_layer_ids as sglang_ids
+from spec_core.contracts.capture import vllm_layer_ids as vllm_ids
 from spec_core.errors import ConfigError, SpecflowError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -48,7 +48,7 @@ def capture_indices_from_hf(config: dict[str, Any]) -> list[int]:
 
 @contextmanager
 def _as_export_error() -> Iterator[None]:
-    """The translations live in ``spec_core.engines.conventions`` (shared with the producers)."""
+    """The translations live in ``spec_core.contracts.capture`` (docs/architecture.md §capture-index)."""
     try:
         yield
     except ConfigError as exc:

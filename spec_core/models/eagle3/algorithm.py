@@ -27,7 +27,7 @@ from spec_core.models.eagle3.losses import (
 )
 
 if TYPE_CHECKING:
-    from spec_core.training.sources import Batch
+    from spec_core.contracts.samples import Batch
 
 
 class Eagle3Objective(Objective):

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.engines.conventions import check_capture_indices
+from spec_core.contracts.capture import check_capture_indices
 from spec_core.errors import ConfigError
 from spec_core.models.algorithm import Proposer
 from spec_core.models.eagle3.model import Eagle3Draft, KVCache
