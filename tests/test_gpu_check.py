@@ -76,7 +76,9 @@ def test_every_cuda_check_is_skipped_with_its_reason(report):
     for result in cuda:
         assert result["status"] == "skipped" and "no CUDA device" in result["reason"], result
     checks = by_name(report)
-    assert checks["bundle"]["status"] == "skipped" and "make gpu-check" in checks["bundle"]["reason"]
+    assert (
+        checks["bundle"]["status"] == "skipped" and "make gpu-check" in checks["bundle"]["reason"]
+    )
 
 
 def test_cpu_checks_run_through_the_spec_core_adapter(report):
