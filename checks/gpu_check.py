@@ -63,6 +63,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 CARRIED_PACKAGES = {"omegaconf": "omegaconf==2.4.0"}
 SLICE = {"conversations": 48, "eval_conversations": 8, "max_seq_length": 256}
 TARGET_VOCAB = 49152  # SmolLM2's tokenizer
+EAGLE3_STEPS = 12  # the bf16 run; resumed from its middle checkpoint
 DOCS_BEGIN, DOCS_END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 DOCS_REPORT = ROOT / "docs" / "gpu-check" / "latest.json"
 
@@ -659,11 +660,16 @@ def check_hf_capture_cuda(ctx: Context) -> dict[str, Any]:
 )
 def check_train_eagle3_cuda(ctx: Context) -> dict[str, Any]:
     need_bundle(ctx)
-    overrides = ["draft.ttt_length=3", "training.num_steps=12", "training.save_interval=6"]
+    steps, half = EAGLE3_STEPS, EAGLE3_STEPS // 2
+    overrides = [
+        "draft.ttt_length=3",
+        f"training.num_steps={steps}",
+        f"training.save_interval={half}",
+    ]
     full = train(ctx, "eagle3", overrides)
     figures: dict[str, Any] = {"loss_curve": full.losses, "returncode": full.returncode}
     expect(
-        full.returncode == 0 and len(full.train) == 12, f"run failed: {full.log_tail()}", figures
+        full.returncode == 0 and len(full.train) == steps, f"run failed: {full.log_tail()}", figures
     )
     first, last = sum(full.losses[:3]) / 3, sum(full.losses[-3:]) / 3
     figures |= {
@@ -673,15 +679,15 @@ def check_train_eagle3_cuda(ctx: Context) -> dict[str, Any]:
         "tau_sim_last": full.train[-1].get("tau_sim"),
     }
     expect(last < first, "loss did not go down", figures)
-    expect(full.checkpoint(12).is_dir(), "no checkpoint at step 12", figures)
-    resumed = train(ctx, "eagle3-resumed", overrides, resume_from=str(full.checkpoint(6)))
+    expect(full.checkpoint(steps).is_dir(), f"no checkpoint at step {steps}", figures)
+    resumed = train(ctx, "eagle3-resumed", overrides, resume_from=str(full.checkpoint(half)))
     figures["resumed_returncode"] = resumed.returncode
     expect(resumed.returncode == 0, f"resume failed: {resumed.log_tail()}", figures)
-    a = checkpoint_weights(full.checkpoint(12), ctx.work)
-    b = checkpoint_weights(resumed.checkpoint(12), ctx.work)
+    a = checkpoint_weights(full.checkpoint(steps), ctx.work)
+    b = checkpoint_weights(resumed.checkpoint(steps), ctx.work)
     diffs = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a}
     figures["resume_max_weight_diff"] = max(diffs.values())
-    figures["resume_losses_equal"] = resumed.losses == full.losses[6:]
+    figures["resume_losses_equal"] = resumed.losses == full.losses[half:]
     figures["resumed_loss_curve"] = resumed.losses
     expect(a.keys() == b.keys() and max(diffs.values()) == 0.0, "resume is not bit-exact", figures)
     expect(figures["resume_losses_equal"], "resumed losses differ from the full run", figures)
