@@ -15,7 +15,7 @@ NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev
 
-.PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check clean
+.PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check gpu-check clean
 
 bootstrap: $(STAMP)
 
@@ -96,6 +96,15 @@ vllm-test: $(STAMP) $(VLLM_STAMP)
 # DRAFT=<exported HF dir> (default: the latest demo run's export).
 vllm-check: $(STAMP) $(VLLM_STAMP)
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(VLLM_PY) benchmarks/vllm_acceptance.py $(ARGS)'
+
+# The CUDA paths in one short run (checks/gpu_check.py): prepares the carried bundle (.gpu-check/:
+# tokenizer, tokenized data slice, wheels) once, then runs every check; without CUDA they are skipped.
+# On the lent GPU machine: run(command="python checks/gpu_check.py --out $OUT", carry=[".gpu-check"])
+GPU_CHECK_BUNDLE ?= .gpu-check
+OUT ?= outputs/gpu-check
+gpu-check: $(STAMP)
+	$(PY) checks/gpu_check.py --prepare-bundle $(GPU_CHECK_BUNDLE)
+	$(PY) checks/gpu_check.py --bundle $(GPU_CHECK_BUNDLE) --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
