@@ -74,7 +74,7 @@ DOCS_REPORT = ROOT / "docs" / "gpu-check" / "latest.json"
 
 
 def sc_attention() -> SimpleNamespace:
-    from spec_core.models.attention import (
+    from spec_core.models.eagle3.attention import (
         ttt_attention_explicit,
         ttt_attention_flex,
         ttt_attention_sdpa,
@@ -87,10 +87,11 @@ def sc_attention() -> SimpleNamespace:
 
 def sc_eagle3() -> SimpleNamespace:
     from spec_core.config import DraftConfig
-    from spec_core.models.draft_config import Eagle3Config, derive_eagle3_config
-    from spec_core.models.eagle3 import Eagle3Draft
-    from spec_core.models.losses import TargetProjection, pooled_scales, supervised_counts
-    from spec_core.models.reference import reference_loss
+    from spec_core.models.common.target import TargetProjection
+    from spec_core.models.eagle3.config import Eagle3Config, derive_eagle3_config
+    from spec_core.models.eagle3.losses import pooled_scales, supervised_counts
+    from spec_core.models.eagle3.model import Eagle3Draft
+    from spec_core.models.eagle3.reference import reference_loss
 
     return SimpleNamespace(
         DraftConfig=DraftConfig,
@@ -119,7 +120,8 @@ def sc_train_worker() -> SimpleNamespace:
 
 
 def sc_hf_engine() -> SimpleNamespace:
-    from spec_core.engines.base import CaptureSpec, TokenizedSample
+    from spec_core.contracts.capture import CaptureSpec
+    from spec_core.contracts.samples import TokenizedSample
     from spec_core.engines.hf import HFEngine
 
     return SimpleNamespace(HFEngine=HFEngine, CaptureSpec=CaptureSpec, Sample=TokenizedSample)
@@ -127,7 +129,14 @@ def sc_hf_engine() -> SimpleNamespace:
 
 def sc_evaluator() -> SimpleNamespace:
     from spec_core.evaluate import EvalPrompt, load_target, run_evaluation
-    from spec_core.export import export_draft, load_hf_draft
+    from spec_core.export import export_draft
+    from spec_core.models import algorithm_of
+
+    def load_hf_draft(hf_dir: Path, target_dir: Path) -> Any:
+        return algorithm_of(hf_dir).load_export(hf_dir, target_dir)
+
+    def proposer(hf_dir: Path, draft: Any, target: Any) -> Any:
+        return algorithm_of(hf_dir).proposer(draft, target.config)
 
     return SimpleNamespace(
         EvalPrompt=EvalPrompt,
@@ -135,6 +144,7 @@ def sc_evaluator() -> SimpleNamespace:
         run_evaluation=run_evaluation,
         export_draft=export_draft,
         load_hf_draft=load_hf_draft,
+        proposer=proposer,
     )
 
 
@@ -716,7 +726,12 @@ def check_evaluator_cuda(ctx: Context) -> dict[str, Any]:
     torch.set_default_device("cuda")
     try:
         result = ev.run_evaluation(
-            target, draft, prompts, num_draft_tokens=3, max_new_tokens=32, stop_ids=set()
+            target,
+            ev.proposer(hf_dir, draft, target),
+            prompts,
+            num_draft_tokens=3,
+            max_new_tokens=32,
+            stop_ids=set(),
         )
     finally:
         torch.set_default_device("cpu")
