@@ -414,7 +414,7 @@ def test_flex_and_sdpa_agree_forward_backward_on_cuda():
 
 
 def test_default_layer_spread_matches_the_reference():
-    assert default_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B (torchspec.md §3.1)
+    assert default_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B: SpecForge's qwen3-8b-dflash config
     assert default_capture_indices(36, 5) == (2, 10, 18, 26, 34)
     assert default_layer_ids(30, 5) == [1, 8, 14, 20, 27]  # SmolLM2: Python rounding (7.5 -> 8)
     assert default_layer_ids(30, 1) == [15]

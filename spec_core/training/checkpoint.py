@@ -1,6 +1,6 @@
 """Training checkpoints with ``torch.distributed.checkpoint`` (DCP): exact resume and weights-only.
 
-Layout (DESIGN §3)::
+Layout (docs/architecture.md §checkpoint-layout)::
 
     <run_dir>/checkpoints/
       latest                     text: name of the newest complete checkpoint (iter_0000060)
