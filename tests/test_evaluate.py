@@ -337,7 +337,7 @@ def test_decoder_checks_the_draft_fits_the_target(tiny_target_dir, bigram_target
     draft.config.specflow["capture_indices"] = [1, 2, 9]
     eagle3 = get_algorithm("eagle3")
     with pytest.raises(
-        Exception, match="invalid: each index must be in \[0, 3\] for a target with 4 layers"
+        Exception, match=r"invalid: each index must be in \[0, 3\] for a target with 4 layers"
     ):
         eagle3.proposer(draft, target.config)
     with pytest.raises(Exception, match="num_draft_tokens"):
