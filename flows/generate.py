@@ -8,20 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from prefect import flow
-
 from tasks.generate import generate_hidden_states
-from tasks.processes import stop_owned_by_run
+from tasks.processes import process_owning_flow, stop_owned_by_run
 
 
-@flow(
-    name="hidden-state-generation",
-    flow_run_name="{producer_id}",
-    persist_result=True,
-    result_serializer="json",
-    on_failure=[stop_owned_by_run],
-    on_cancellation=[stop_owned_by_run],
-    on_crashed=[stop_owned_by_run],
+@process_owning_flow(
+    stop_owned_by_run, name="hidden-state-generation", flow_run_name="{producer_id}"
 )
 async def hidden_state_generation(
     config: dict[str, Any],

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
@@ -45,6 +45,7 @@ from spec_core.metrics import pipeline_perf
 from spec_core.paths import RunPaths
 from spec_core.streaming.supervisor import Child, coroutine_child, run_concurrently
 from spec_core.transfer.services import ServiceAddresses
+from spec_core.utils.cli import run_main
 from spec_core.utils.net import free_port
 from tasks.data import (
     build_vocab_map,
@@ -53,7 +54,7 @@ from tasks.data import (
     result_dir,
     tokenize_dataset,
 )
-from tasks.processes import stop_all_owned
+from tasks.processes import process_owning_flow, stop_all_owned
 from tasks.regenerate import regenerate_responses
 from tasks.report import GENERATION_PROGRESS_KEY, report_pipeline, summary_lines
 from tasks.services import start_services, stop_services
@@ -197,14 +198,7 @@ async def run_publish(cfg: Config, config: dict[str, Any], **params: Any) -> dic
     return await state.aresult()
 
 
-@flow(
-    name="speculative-training",
-    persist_result=True,
-    result_serializer="json",
-    on_failure=[stop_all_owned],
-    on_cancellation=[stop_all_owned],
-    on_crashed=[stop_all_owned],
-)
+@process_owning_flow(stop_all_owned, name="speculative-training")
 async def speculative_training(
     config_path: Optional[str] = "configs/smollm2-chitchat.yaml",
     overrides: Optional[list[str]] = None,
@@ -348,4 +342,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

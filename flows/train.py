@@ -8,21 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from prefect import flow
-
 from tasks.data import resolve_target
-from tasks.processes import stop_owned_by_run
+from tasks.processes import process_owning_flow, stop_owned_by_run
 from tasks.train import train_draft
 
 
-@flow(
-    name="draft-training",
-    flow_run_name="trainer-node-{node_rank}",
-    persist_result=True,
-    result_serializer="json",
-    on_failure=[stop_owned_by_run],
-    on_cancellation=[stop_owned_by_run],
-    on_crashed=[stop_owned_by_run],
+@process_owning_flow(
+    stop_owned_by_run, name="draft-training", flow_run_name="trainer-node-{node_rank}"
 )
 async def draft_training(
     config: dict[str, Any],

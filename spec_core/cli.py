@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from spec_core.errors import SpecflowError
+from spec_core.utils.cli import run_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("spec_core.data.__main__", "normalize + tokenize a dataset (cached)"),
@@ -39,11 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specflow: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    try:
-        return int(module.main(rest) or 0)
-    except SpecflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(module.main, rest)
 
 
 if __name__ == "__main__":

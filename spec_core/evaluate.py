@@ -19,7 +19,6 @@ decoded by a plain greedy loop over the same target; the run is lossless iff the
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -35,9 +34,10 @@ import torch
 
 from spec_core.config import Config, EvaluationConfig
 from spec_core.data.conversation import Conversation, Message
-from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.errors import ConfigError, DataError
 from spec_core.models import algorithm_of
 from spec_core.models.algorithm import Proposer
+from spec_core.utils.cli import config_parser, parse_config_args, run_main
 from spec_core.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -525,24 +525,19 @@ def summary_line(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     """``specflow evaluate --draft HF_DIR [--config C] [overrides]``: tau on held-out prompts."""
     from spec_core.assets import resolve_target
-    from spec_core.config import load_config
-    from spec_core.data.tokenize import prepare_dataset
-    from spec_core.paths import RunPaths, cache_dir
+    from spec_core.data.tokenize import prepare_run_dataset
+    from spec_core.paths import RunPaths
 
-    parser = argparse.ArgumentParser(prog="specflow evaluate", description=main.__doc__)
+    parser = config_parser("specflow evaluate", main.__doc__)
     parser.add_argument("--draft", required=True, help="exported HF draft dir")
-    parser.add_argument("--config", default=None, help="YAML preset")
     parser.add_argument("--eval-data", default=None, help="tokenized eval split (default: cached)")
     parser.add_argument("--out", default=None, help="output dir (default: <run>/eval)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    args, cfg = parse_config_args(parser, argv)
     paths = RunPaths.from_config(cfg)
     target_dir = resolve_target(cfg)
     eval_path = args.eval_data
     if eval_path is None:
-        prepared = prepare_dataset(cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg))
-        eval_path = prepared.eval_path
+        eval_path = prepare_run_dataset(cfg, target_dir).eval_path
     if not Path(args.draft, "config.json").is_file():
         raise ConfigError(f"--draft {args.draft}: not an exported draft dir (no config.json)")
     result = evaluate_draft(cfg, args.draft, target_dir, eval_path, args.out or paths.eval_dir)
@@ -552,8 +547,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SpecflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -481,10 +481,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from spec_core.errors import SpecflowError
+    from spec_core.utils.cli import run_main
 
-    try:
-        sys.exit(main())
-    except SpecflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

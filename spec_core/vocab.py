@@ -14,7 +14,6 @@ first), then to the lowest unseen ids. The map always has exactly ``draft_vocab_
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -27,7 +26,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.errors import ConfigError, DataError
+from spec_core.utils.cli import config_parser, parse_config_args, run_main
 from spec_core.utils.files import atomic_write_json, publish_dir, staging_dir
 from spec_core.utils.fingerprint import (
     VOCAB_CODE,
@@ -312,30 +312,21 @@ def target_vocab_size(target_dir: Path) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     """``specflow vocab``: prepare the data (cached) and build the draft vocab map."""
     from spec_core.assets import resolve_target
-    from spec_core.config import load_config
-    from spec_core.data.tokenize import prepare_dataset
-    from spec_core.paths import RunPaths, cache_dir
+    from spec_core.data.tokenize import prepare_run_dataset
+    from spec_core.paths import RunPaths
 
-    parser = argparse.ArgumentParser(
-        prog="specflow vocab", description="Build the draft vocabulary map and coverage report."
-    )
-    parser.add_argument("--config", default=None, help="YAML preset (default: built-in defaults)")
+    parser = config_parser("specflow vocab", "Build the draft vocabulary map and coverage report.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    paths = RunPaths.from_config(cfg)
+    args, cfg = parse_config_args(parser, argv)
     target_dir = resolve_target(cfg)
-    prepared = prepare_dataset(
-        cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg), progress=not args.quiet
-    )
+    prepared = prepare_run_dataset(cfg, target_dir, progress=not args.quiet)
     vocab = target_vocab_size(target_dir)
     draft = cfg.vocab.draft_vocab_size or vocab
     result = build_vocab_map(
         prepared.train_path,
         vocab,
         draft,
-        paths.vocab_dir,
+        RunPaths.from_config(cfg).vocab_dir,
         cfg.vocab.coverage_sizes,
         progress=not args.quiet,
     )
@@ -355,8 +346,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SpecflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -10,6 +10,7 @@ None of these retries: a failure here is bad data or config, and a retry would f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,10 +19,13 @@ from prefect.context import TaskRunContext
 
 from spec_core import assets
 from spec_core.config import Config, config_from_dict
-from spec_core.data.tokenize import dataset_cache_key, prepare_dataset
+from spec_core.data.tokenize import dataset_cache_key, prepare_run_dataset
 from spec_core.paths import RunPaths, cache_dir
 from spec_core.vocab import build_vocab_map as build_vocab
 from spec_core.vocab import target_vocab_size, vocab_cache_key
+
+# A stage's content key from the resolved config and the task's parameters.
+ContentKey = Callable[[Config, dict[str, Any]], str]
 
 
 def work_dir(cfg: Config) -> Path:
@@ -40,23 +44,30 @@ def work_dir_tag(cfg: Config) -> str:
     return hashlib.sha256(str(work_dir(cfg)).encode()).hexdigest()[:8]
 
 
-def _tokenize_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    cfg = config_from_dict(parameters["config"])
-    key = dataset_cache_key(cfg.dataset, Path(parameters["target_dir"]), cache_dir(cfg))
-    return f"tokenize-{key}-{work_dir_tag(cfg)}"
+def content_cached_task(name: str, key_prefix: str, content_key: ContentKey) -> Any:
+    """``@task`` for a data stage Prefect caches on ``content_key`` plus the work dir, its result
+    persisted as JSON (``pipeline.cached`` points the storage at ``result_dir``)."""
+
+    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        cfg = config_from_dict(parameters["config"])
+        return f"{key_prefix}-{content_key(cfg, parameters)}-{work_dir_tag(cfg)}"
+
+    return task(name=name, cache_key_fn=cache_key, persist_result=True, result_serializer="json")
 
 
-def _vocab_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    cfg = config_from_dict(parameters["config"])
+def _tokenize_key(cfg: Config, parameters: dict[str, Any]) -> str:
+    return dataset_cache_key(cfg.dataset, Path(parameters["target_dir"]), cache_dir(cfg))
+
+
+def _vocab_key(cfg: Config, parameters: dict[str, Any]) -> str:
     size = cfg.vocab.draft_vocab_size
     assert size is not None
-    key = vocab_cache_key(
+    return vocab_cache_key(
         Path(parameters["train_path"]),
         target_vocab_size(Path(parameters["target_dir"])),
         size,
         cfg.vocab.coverage_sizes,
     )
-    return f"vocab-{key}-{work_dir_tag(cfg)}"
 
 
 @task(name="resolve-target")
@@ -66,30 +77,18 @@ def resolve_target(config: dict[str, Any]) -> str:
     return str(assets.resolve_target(cfg))
 
 
-@task(
-    name="tokenize-dataset",
-    cache_key_fn=_tokenize_key,
-    persist_result=True,
-    result_serializer="json",
-)
+@content_cached_task("tokenize-dataset", "tokenize", _tokenize_key)
 def tokenize_dataset(config: dict[str, Any], target_dir: str) -> dict[str, Any]:
     """``PreparedData.to_dict()``: train/eval split paths, cache key and the data report."""
     cfg = config_from_dict(config)
-    prepared = prepare_dataset(
-        cfg.dataset, Path(target_dir), work_dir(cfg), cache_dir(cfg), progress=False
-    )
+    prepared = prepare_run_dataset(cfg, Path(target_dir), progress=False)
     logger = get_run_logger()
     for line in prepared.report.lines():
         logger.info(line)
     return prepared.to_dict()
 
 
-@task(
-    name="build-vocab-map",
-    cache_key_fn=_vocab_key,
-    persist_result=True,
-    result_serializer="json",
-)
+@content_cached_task("build-vocab-map", "vocab", _vocab_key)
 def build_vocab_map(config: dict[str, Any], train_path: str, target_dir: str) -> dict[str, Any]:
     """``VocabResult.to_dict()``: the d2t/t2d map and its coverage of the supervised tokens."""
     cfg = config_from_dict(config)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from prefect import flow
 
 # Mooncake's glog INFO lines ("I1123 14:02:02.124712 14829 file.cpp:604] ...") are noise in the UI.
 _GLOG_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")
@@ -99,3 +102,16 @@ def stop_owned_by_run(flow: Any, flow_run: Any, state: Any) -> None:
 def stop_all_owned(flow: Any, flow_run: Any, state: Any) -> None:
     """Parent flow hook: stop everything this process started, its subflows' processes too."""
     OWNED.stop_all()
+
+
+def process_owning_flow(stop: Callable[[Any, Any, Any], None], **options: Any) -> Any:
+    """``@flow`` for a run that starts processes: its JSON result persisted, and ``stop`` (one of
+    the hooks above) run on failure, cancellation and crash alike."""
+    return flow(
+        persist_result=True,
+        result_serializer="json",
+        on_failure=[stop],
+        on_cancellation=[stop],
+        on_crashed=[stop],
+        **options,
+    )

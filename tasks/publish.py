@@ -96,12 +96,9 @@ def evaluate_acceptance(
     paths = _run_paths(cfg, run_dir)
     target_dir = _target_dir(cfg)
     if eval_data is None:
-        from spec_core.data.tokenize import prepare_dataset
-        from spec_core.paths import cache_dir
+        from spec_core.data.tokenize import prepare_run_dataset
 
-        eval_data = str(
-            prepare_dataset(cfg.dataset, target_dir, paths.work_dir, cache_dir(cfg)).eval_path
-        )
+        eval_data = str(prepare_run_dataset(cfg, target_dir).eval_path)
     result = evaluate_draft(cfg, hf_dir, target_dir, eval_data, paths.eval_dir)
     get_run_logger().info("acceptance: %s", summary_line(result))
     result.pop("prompts", None)

@@ -13,31 +13,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
 
 from spec_core.assets import resolve_dataset
-from spec_core.config import config_from_dict
+from spec_core.config import Config, config_from_dict
 from spec_core.data.regenerate import regen_cache_key, regenerate_dataset
-from tasks.data import work_dir, work_dir_tag
+from tasks.data import content_cached_task, work_dir
 
 PROGRESS_KEY = "regenerate-progress"
 _UPDATE_EVERY_S = 2.0  # each update is an API call; a few per minute is plenty
 
 
-def _regenerate_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    cfg = config_from_dict(parameters["config"])
-    key = regen_cache_key(cfg, resolve_dataset(cfg), Path(parameters["target_dir"]))
-    return f"regenerate-{key}-{work_dir_tag(cfg)}"
+def _regenerate_key(cfg: Config, parameters: dict[str, Any]) -> str:
+    return regen_cache_key(cfg, resolve_dataset(cfg), Path(parameters["target_dir"]))
 
 
-@task(
-    name="regenerate-responses",
-    cache_key_fn=_regenerate_key,
-    persist_result=True,
-    result_serializer="json",
-)
+@content_cached_task("regenerate-responses", "regenerate", _regenerate_key)
 def regenerate_responses(config: dict[str, Any], target_dir: str) -> dict[str, Any]:
     """``RegenResult.to_dict()``: the regenerated JSONL (tokenize it instead of the original),
     its manifest, the cache key and whether spec_core's cache already had it."""

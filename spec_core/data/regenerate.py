@@ -23,7 +23,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -56,7 +55,8 @@ from spec_core.data.generators import (
 from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer
 from spec_core.data.templates import assistant_spans
-from spec_core.errors import ConfigError, DataError, SpecflowError
+from spec_core.errors import ConfigError, DataError
+from spec_core.utils.cli import config_parser, parse_config_args, run_main
 from spec_core.utils.files import atomic_write_json, atomic_write_text
 from spec_core.utils.fingerprint import (
     REGENERATED_CODE,
@@ -718,20 +718,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tqdm.auto import tqdm
 
     from spec_core.assets import resolve_dataset, resolve_target
-    from spec_core.config import load_config
     from spec_core.paths import RunPaths
 
-    parser = argparse.ArgumentParser(
-        prog="specflow regenerate",
-        description="Regenerate the dataset's assistant turns with the target (cached, resumable).",
+    parser = config_parser(
+        "specflow regenerate",
+        "Regenerate the dataset's assistant turns with the target (cached, resumable).",
     )
-    parser.add_argument("--config", default=None, help="YAML preset (default: built-in defaults)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.overrides)
+    args, cfg = parse_config_args(parser, argv)
     target_dir = resolve_target(cfg)
     dataset_path = resolve_dataset(cfg)
     work_dir = RunPaths.from_config(cfg).work_dir
@@ -761,8 +757,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SpecflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -28,12 +28,13 @@ from typing import Any, Optional
 import numpy as np
 
 from spec_core.assets import resolve_dataset_path
-from spec_core.config import DatasetConfig
+from spec_core.config import Config, DatasetConfig
 from spec_core.data.conversation import Conversation, InvalidRecord, Message
 from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer, load_tokenizer, wants_last_turn_only
 from spec_core.data.report import DataReport
 from spec_core.errors import DataError
+from spec_core.paths import RunPaths, cache_dir
 from spec_core.utils.files import atomic_write_json, publish_dir, staging_dir
 from spec_core.utils.fingerprint import (
     TOKENIZED_CODE,
@@ -189,6 +190,13 @@ def prepare_dataset(
     for line in report.lines():
         log.info(line)
     return _read_manifest(out, cached=False)
+
+
+def prepare_run_dataset(cfg: Config, target_dir: Path, progress: bool = True) -> PreparedData:
+    """``prepare_dataset`` for a run: the configured dataset, tokenized for ``target_dir`` into
+    the run's work dir, so every stage of one config finds the same cache entry."""
+    work_dir = RunPaths.from_config(cfg).work_dir
+    return prepare_dataset(cfg.dataset, target_dir, work_dir, cache_dir(cfg), progress=progress)
 
 
 def _build(

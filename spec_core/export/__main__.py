@@ -2,11 +2,7 @@
 
 import sys
 
-from spec_core.errors import SpecflowError
 from spec_core.export.cli import main
+from spec_core.utils.cli import run_main
 
-try:
-    sys.exit(main())
-except SpecflowError as exc:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(2)
+sys.exit(run_main(main))
