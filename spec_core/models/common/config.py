@@ -16,6 +16,7 @@ from spec_core.errors import ConfigError
 from spec_core.utils.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 Self = TypeVar("Self", bound="DraftConfigBase")
 
@@ -91,3 +92,46 @@ def rope_settings(cfg: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]
 def text_config(target: dict[str, Any]) -> dict[str, Any]:
     """The language-model part of a target config (VLM configs nest it under text_config)."""
     return target.get("text_config") or target
+
+
+def geometry_source(target: dict[str, Any], config_path: Optional[str]) -> dict[str, Any]:
+    """The config a derived draft copies its layer geometry from: ``draft.config_path``'s JSON
+    when set (a smaller or larger drafter than the target), else the target's own."""
+    if not config_path:
+        return target
+    path = Path(config_path).expanduser()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"'draft.config_path' {path}: cannot read JSON: {exc}") from None
+
+
+def geometry_fields(geometry: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """The Llama/Qwen3 layer geometry every draft config holds, as constructor keywords: shapes,
+    norm, activation and RoPE from ``geometry``; special token ids and dtype from ``target``
+    (the same dict when a saved draft config is read back)."""
+    heads = int(geometry["num_attention_heads"])
+    hidden = int(geometry["hidden_size"])
+    theta, scaling = rope_settings(geometry)
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(geometry.get("num_key_value_heads") or heads),
+        "head_dim": int(geometry.get("head_dim") or hidden // heads),
+        "rms_norm_eps": float(geometry.get("rms_norm_eps", 1e-6)),
+        "hidden_act": str(geometry.get("hidden_act", "silu")),
+        "max_position_embeddings": int(geometry.get("max_position_embeddings", 2048)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "bos_token_id": target.get("bos_token_id"),
+        "eos_token_id": target.get("eos_token_id"),
+        "pad_token_id": target.get("pad_token_id"),
+        "torch_dtype": str(target.get("torch_dtype") or target.get("dtype") or "float32"),
+    }
+
+
+def require_fields(data: dict[str, Any], source: str, *extra: str) -> None:
+    """A saved draft config must name the geometry no default can stand in for."""
+    for key in (*REQUIRED_FIELDS, *extra):
+        if key not in data:
+            raise ConfigError(f"{source}: missing required field '{key}'")
