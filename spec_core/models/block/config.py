@@ -22,7 +22,7 @@ from spec_core.contracts.capture import (
 from spec_core.errors import ConfigError
 from spec_core.models.block.losses import LossWeights
 from spec_core.models.common.config import (
-    DraftConfigBase,
+    DraftGeometry,
     geometry_fields,
     geometry_source,
     require_fields,
@@ -38,14 +38,10 @@ MASK_TOKEN_TEXT = "<|MASK|>"
 
 
 @dataclass
-class BlockDraftConfig(DraftConfigBase):
+class BlockDraftConfig(DraftGeometry):
     algorithm: str  # dflash | dspark
-    hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     vocab_size: int
     target_hidden_size: int
     target_num_hidden_layers: int
@@ -53,15 +49,6 @@ class BlockDraftConfig(DraftConfigBase):
     capture_indices: list[int]
     block_size: int
     mask_token_id: int
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int | list[int]] = None
-    pad_token_id: Optional[int] = None
-    torch_dtype: str = "float32"
     markov_rank: int = 0  # dspark: 0 = no Markov head
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -53,6 +54,26 @@ class DraftConfigBase:
         """A ``config.json`` (or the dir holding one) -> this config class."""
         path = config_file(path)
         return cls.from_hf_dict(read_config_json(path), source=str(path))
+
+
+@dataclass(kw_only=True)
+class DraftGeometry(DraftConfigBase):
+    """The Llama/Qwen3 layer geometry every draft config holds; keyword-only, so each algorithm's
+    own fields keep their order. ``geometry_fields`` derives it from a target or saved config."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list[int]] = None
+    pad_token_id: Optional[int] = None
+    torch_dtype: str = "float32"
 
 
 def config_file(path: str | Path) -> Path:
@@ -107,8 +128,8 @@ def geometry_source(target: dict[str, Any], config_path: Optional[str]) -> dict[
 
 
 def geometry_fields(geometry: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
-    """The Llama/Qwen3 layer geometry every draft config holds, as constructor keywords: shapes,
-    norm, activation and RoPE from ``geometry``; special token ids and dtype from ``target``
+    """The ``DraftGeometry`` fields as constructor keywords: shapes, norm, activation and RoPE
+    from ``geometry``; special token ids and dtype from ``target``
     (the same dict when a saved draft config is read back)."""
     heads = int(geometry["num_attention_heads"])
     hidden = int(geometry["hidden_size"])

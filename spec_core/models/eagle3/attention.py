@@ -59,6 +59,18 @@ def _token_major_sdpa(
     return out.transpose(1, 2)
 
 
+def row_segments(q_batch: torch.Tensor, bsz: int) -> list[tuple[int, int, int]]:
+    """(b, start, end) row ranges per sequence of packed rows sorted by sequence (``q_batch``
+    [n] their sequence index); sequences without rows get none."""
+    counts = torch.bincount(q_batch, minlength=bsz).tolist()
+    segments, start = [], 0
+    for b, n in enumerate(counts):
+        if n:
+            segments.append((b, start, start + n))
+        start += n
+    return segments
+
+
 def ttt_attention_explicit(
     q: torch.Tensor,
     k0: torch.Tensor,

@@ -9,13 +9,13 @@ TorchSpec derives head_dim as hidden/heads, which is wrong for targets where the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from spec_core.config import DraftConfig
 from spec_core.contracts.capture import check_capture_indices
 from spec_core.errors import ConfigError
 from spec_core.models.common.config import (
-    DraftConfigBase,
+    DraftGeometry,
     geometry_fields,
     geometry_source,
     require_fields,
@@ -26,24 +26,11 @@ ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 
 @dataclass
-class Eagle3Config(DraftConfigBase):
-    hidden_size: int
+class Eagle3Config(DraftGeometry):
     intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     vocab_size: int  # the target's vocab: embedding rows and d2t/t2d space
     draft_vocab_size: int  # lm_head rows
     target_hidden_size: int  # fc input is len(capture_indices) * target_hidden_size
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int | list[int]] = None
-    pad_token_id: Optional[int] = None
-    torch_dtype: str = "float32"
     specflow: dict[str, Any] = field(default_factory=dict)  # capture_indices, ttt_length, ...
 
     @property

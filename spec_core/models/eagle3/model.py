@@ -39,6 +39,7 @@ from spec_core.models.common.target import TargetProjection
 from spec_core.models.eagle3.attention import (
     cached_attention,
     causal_attention,
+    row_segments,
     ttt_attention_flex,
     ttt_attention_sdpa,
 )
@@ -239,12 +240,7 @@ class Eagle3Draft(DraftModel):
             diag_v = torch.stack([ev for _, ev in earlier] + [v], dim=1)
             if self.attention_backend == "flex":
                 return ttt_attention_flex(q, k0, v0, diag_k, diag_v, pos_idx, batch_idx)
-            counts = torch.bincount(batch_idx, minlength=bsz).tolist()
-            segments, start = [], 0
-            for b, n in enumerate(counts):
-                if n:
-                    segments.append((b, start, start + n))
-                start += n
+            segments = row_segments(batch_idx, bsz)
             return ttt_attention_sdpa(q, k0, v0, diag_k, diag_v, pos_idx, segments)
 
         return attend
