@@ -26,33 +26,22 @@ def max_model_len(cfg: Config) -> int:
 
 def build_engine(cfg: Config, target_dir: str | Path, spec: CaptureSpec) -> HiddenStateEngine:
     inf = cfg.inference
-    if inf.engine == "vllm":
-        from spec_core.engines.vllm import VLLMEngine
+    if inf.engine in ("vllm", "sglang"):
+        served = {
+            "model_dtype": cfg.target.dtype,
+            "tp_size": inf.tp_size,
+            "mem_fraction": inf.mem_fraction,
+            "max_model_len": max_model_len(cfg),
+            "extra_args": inf.extra_args,
+            "handoff_root": inf.handoff_dir,
+        }
+        if inf.engine == "vllm":
+            from spec_core.engines.vllm import VLLMEngine
 
-        return VLLMEngine(
-            target_dir,
-            spec,
-            model_dtype=cfg.target.dtype,
-            tp_size=inf.tp_size,
-            mem_fraction=inf.mem_fraction,
-            max_model_len=max_model_len(cfg),
-            norm_key=cfg.target.norm_key,
-            extra_args=inf.extra_args,
-            handoff_root=inf.handoff_dir,
-        )
-    if inf.engine == "sglang":
+            return VLLMEngine(target_dir, spec, norm_key=cfg.target.norm_key, **served)
         from spec_core.engines.sglang import SGLangEngine
 
-        return SGLangEngine(
-            target_dir,
-            spec,
-            model_dtype=cfg.target.dtype,
-            tp_size=inf.tp_size,
-            mem_fraction=inf.mem_fraction,
-            max_model_len=max_model_len(cfg),
-            extra_args=inf.extra_args,
-            handoff_root=inf.handoff_dir,
-        )
+        return SGLangEngine(target_dir, spec, **served)
     from spec_core.engines.hf import HFEngine
 
     return HFEngine(

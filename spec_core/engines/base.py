@@ -7,12 +7,18 @@ own convention internally (``spec_core.engines.conventions``).
 
 from __future__ import annotations
 
+import logging
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import CapturedSample, TokenizedSample
 from spec_core.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class HiddenStateEngine(ABC):
@@ -32,6 +38,38 @@ class HiddenStateEngine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ServedEngine(HiddenStateEngine):
+    """An engine whose target runs in a serving runtime's own workers (vLLM, SGLang): captures cross
+    back through a handoff dir (``spec_core.engines.handoff``), and ``close`` releases the runtime
+    and that dir once, even after a failed start."""
+
+    runtime_name: str  # in messages: "vLLM", "SGLang"
+    handoff_dir: Optional[Path] = None
+
+    def _read_target(self, target_dir: str | Path, spec: CaptureSpec, max_model_len: int) -> dict:
+        """The target's config, read once; sets what every served engine knows about it."""
+        from spec_core.models.common.target import read_target_config
+
+        self.spec = spec
+        self.max_model_len = max_model_len
+        config = read_target_config(target_dir)
+        self.num_layers = int(config["num_hidden_layers"])
+        self.vocab_size = int(config["vocab_size"])
+        return config
+
+    def _shutdown_runtime(self) -> None:
+        """Detach the runtime (a second ``close`` finds none) and shut it down."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:
+            self._shutdown_runtime()
+        except Exception as exc:  # shutting down a dead engine must not mask the real error
+            log.warning("%s shutdown: %s", self.runtime_name, exc)
+        if self.handoff_dir is not None:
+            shutil.rmtree(self.handoff_dir, ignore_errors=True)
 
 
 def check_prefill_batch(

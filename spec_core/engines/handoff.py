@@ -26,6 +26,7 @@ import torch
 
 from spec_core.errors import ServiceError
 from spec_core.utils.files import atomic_write_json
+from spec_core.utils.procs import pid_alive
 
 DTYPES = {
     "float32": torch.float32,
@@ -44,23 +45,13 @@ def default_root() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def make_handoff_dir(root: str | Path | None = None) -> Path:
     """A fresh directory owned by this process; directories left by dead producers are removed."""
     root = Path(root) if root else default_root()
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_PREFIX}*"):
         pid = stale.name[len(_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -38,7 +37,7 @@ import torch
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import CapturedSample, TokenizedSample
-from spec_core.engines.base import HiddenStateEngine, check_prefill_batch
+from spec_core.engines.base import ServedEngine, check_prefill_batch
 from spec_core.engines.conventions import sglang_hook_targets
 from spec_core.engines.handoff import bundle_names, make_handoff_dir, read_bundle, write_bundle
 from spec_core.errors import ConfigError, ServiceError
@@ -283,8 +282,10 @@ def split_forwards(
     return captured
 
 
-class SGLangEngine(HiddenStateEngine):
+class SGLangEngine(ServedEngine):
     """Runs the target in ``sgl.Engine`` (CUDA) with our forward hooks."""
+
+    runtime_name = "SGLang"
 
     def __init__(
         self,
@@ -299,13 +300,7 @@ class SGLangEngine(HiddenStateEngine):
         handoff_root: Optional[str] = None,
         runtime: Optional[Runtime] = None,
     ) -> None:
-        from spec_core.models.common.target import read_target_config
-
-        self.spec = spec
-        config = read_target_config(target_dir)
-        self.num_layers = int(config["num_hidden_layers"])
-        self.vocab_size = int(config["vocab_size"])
-        self.max_model_len = max_model_len
+        self._read_target(target_dir, spec, max_model_len)
         self.runtime: Any = None
         self.handoff_dir = make_handoff_dir(handoff_root)
         try:
@@ -342,12 +337,7 @@ class SGLangEngine(HiddenStateEngine):
         )
         return split_forwards(self._drain(), samples, self.spec.with_last_hidden, self.spec.dtype)
 
-    def close(self) -> None:
+    def _shutdown_runtime(self) -> None:
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
-            try:
-                runtime.shutdown()
-            except Exception as exc:  # shutting down a dead engine must not mask the real error
-                log.warning("SGLang shutdown: %s", exc)
-        if getattr(self, "handoff_dir", None) is not None:
-            shutil.rmtree(self.handoff_dir, ignore_errors=True)
+            runtime.shutdown()

@@ -25,9 +25,7 @@ testable) without it.
 
 from __future__ import annotations
 
-import logging
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +35,10 @@ import torch
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import CapturedSample, TokenizedSample
-from spec_core.engines.base import HiddenStateEngine, check_prefill_batch
+from spec_core.engines.base import ServedEngine, check_prefill_batch
 from spec_core.engines.conventions import VllmExtractPlan, vllm_extract_plan
 from spec_core.engines.handoff import make_handoff_dir, read_bundle, write_bundle
 from spec_core.errors import ConfigError, ServiceError
-
-log = logging.getLogger(__name__)
 
 CONNECTOR_CLASS = "SpecflowHiddenStatesConnector"
 CONNECTOR_MODULE = "spec_core.engines.vllm_connector"
@@ -302,8 +298,10 @@ def vllm_runtime() -> Runtime:
     return LLM, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 
-class VLLMEngine(HiddenStateEngine):
+class VLLMEngine(ServedEngine):
     """Runs the target in ``vllm.LLM`` (any platform vLLM runs on, its CPU build included)."""
+
+    runtime_name = "vLLM"
 
     def __init__(
         self,
@@ -319,16 +317,10 @@ class VLLMEngine(HiddenStateEngine):
         handoff_root: Optional[str] = None,
         runtime: Optional[Runtime] = None,
     ) -> None:
-        from spec_core.models.common.target import read_target_config
-
-        self.spec = spec
-        config = read_target_config(target_dir)
-        self.num_layers = int(config["num_hidden_layers"])
+        config = self._read_target(target_dir, spec, max_model_len)
         self.hidden_size = int(config["hidden_size"])
-        self.vocab_size = int(config["vocab_size"])
         self.plan = vllm_extract_plan(spec.capture_indices, self.num_layers, spec.with_last_hidden)
         self.norm = load_final_norm(target_dir, norm_key, config) if spec.with_last_hidden else None
-        self.max_model_len = max_model_len
         self.handoff_dir = make_handoff_dir(handoff_root)
         self.llm: Any = None
         try:
@@ -371,12 +363,7 @@ class VLLMEngine(HiddenStateEngine):
             )
         return captured
 
-    def close(self) -> None:
+    def _shutdown_runtime(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as exc:  # shutting down a dead engine must not mask the real error
-                log.warning("vLLM shutdown: %s", exc)
-        if getattr(self, "handoff_dir", None) is not None:
-            shutil.rmtree(self.handoff_dir, ignore_errors=True)
+            llm.llm_engine.engine_core.shutdown()

@@ -93,6 +93,21 @@ def build_sources(
         raise ConfigError("the training job has no 'train_data' (tokenized train split)")
     train_split = TokenizedSplit.load(job.train_data)
     engine = None
+
+    def in_process(split: TokenizedSplit, split_engine: Any, **schedule: Any) -> InProcessSource:
+        """A source running the target here; train and eval differ only in ``schedule``."""
+        return InProcessSource(
+            split,
+            split_engine,
+            spec,
+            rank=info.rank,
+            world_size=info.world_size,
+            micro_batch_size=t.micro_batch_size,
+            seq_bucket=t.seq_bucket,
+            seed=t.seed,
+            **schedule,
+        )
+
     if job.source == "stream":
         from spec_core.training.stream_source import StreamSource
 
@@ -101,16 +116,10 @@ def build_sources(
         )
     else:
         engine = _engine(job, cfg, dcfg, info)
-        source = InProcessSource(
+        source = in_process(
             train_split,
             engine,
-            spec,
-            rank=info.rank,
-            world_size=info.world_size,
-            micro_batch_size=t.micro_batch_size,
             accumulation_steps=t.accumulation_steps,
-            seq_bucket=t.seq_bucket,
-            seed=t.seed,
             num_epochs=None if t.num_steps is not None else t.num_epochs,
         )
     eval_factory = None
@@ -119,18 +128,8 @@ def build_sources(
         eval_engine = engine or _engine(job, cfg, dcfg, info)
 
         def eval_factory() -> SampleSource:
-            return InProcessSource(
-                eval_split,
-                eval_engine,
-                spec,
-                rank=info.rank,
-                world_size=info.world_size,
-                micro_batch_size=t.micro_batch_size,
-                accumulation_steps=1,
-                seq_bucket=t.seq_bucket,
-                seed=t.seed,
-                num_epochs=1,
-                shuffle=False,
+            return in_process(
+                eval_split, eval_engine, accumulation_steps=1, num_epochs=1, shuffle=False
             )
 
     return source, eval_factory, len(train_split)

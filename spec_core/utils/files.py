@@ -16,6 +16,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from spec_core.utils.procs import pid_alive
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Replace ``path`` with ``data`` atomically (parent dirs are created)."""
@@ -52,7 +54,7 @@ def staging_dir(out: Path) -> Path:
     host = socket.gethostname()
     for stale in out.parent.glob(f".tmp-{out.name}-{host}-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_exists(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".tmp-{out.name}-{host}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,13 +71,3 @@ def publish_dir(tmp: Path, out: Path) -> None:
         if not Path(out).is_dir():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

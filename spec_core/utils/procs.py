@@ -38,6 +38,17 @@ def signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one we may not signal counts: it is alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any member of group ``pgid`` is still running (zombies do not count: they are dead
     and only wait for a parent, possibly a container init that never reaps, to collect them)."""

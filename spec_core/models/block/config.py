@@ -9,7 +9,6 @@ objective reads (``num_anchors``, ``loss_decay_gamma``, the DSpark loss weights)
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +21,13 @@ from spec_core.contracts.capture import (
 )
 from spec_core.errors import ConfigError
 from spec_core.models.block.losses import LossWeights
-from spec_core.models.common.config import DraftConfigBase, rope_settings, text_config
+from spec_core.models.common.config import (
+    DraftGeometry,
+    geometry_fields,
+    geometry_source,
+    require_fields,
+    text_config,
+)
 
 ARCHITECTURES = {"dflash": "DFlashDraftModel", "dspark": "DSparkDraftModel"}
 DEFAULT_GAMMA = {"dflash": 7.0, "dspark": 4.0}
@@ -33,14 +38,10 @@ MASK_TOKEN_TEXT = "<|MASK|>"
 
 
 @dataclass
-class BlockDraftConfig(DraftConfigBase):
+class BlockDraftConfig(DraftGeometry):
     algorithm: str  # dflash | dspark
-    hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     vocab_size: int
     target_hidden_size: int
     target_num_hidden_layers: int
@@ -48,15 +49,6 @@ class BlockDraftConfig(DraftConfigBase):
     capture_indices: list[int]
     block_size: int
     mask_token_id: int
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int | list[int]] = None
-    pad_token_id: Optional[int] = None
-    torch_dtype: str = "float32"
     markov_rank: int = 0  # dspark: 0 = no Markov head
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = False
@@ -178,10 +170,7 @@ class BlockDraftConfig(DraftConfigBase):
                 f"{source}: not a DFlash/DSpark draft config (architectures {arch!r}, "
                 f"specflow.algorithm {specflow.get('algorithm')!r})"
             )
-        required = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-        for key in (*required, "num_hidden_layers"):
-            if key not in data:
-                raise ConfigError(f"{source}: missing required field '{key}'")
+        require_fields(data, source, "num_hidden_layers")
         capture = specflow.pop("capture_indices", None)
         if capture is None:
             if "target_layer_ids" not in dflash:
@@ -190,35 +179,21 @@ class BlockDraftConfig(DraftConfigBase):
         mask_id = dflash.get("mask_token_id", data.get("mask_token_id"))
         if mask_id is None:
             raise ConfigError(f"{source}: no dflash_config.mask_token_id")
-        heads = int(data["num_attention_heads"])
-        hidden = int(data["hidden_size"])
-        theta, scaling = rope_settings(data)
+        geometry = geometry_fields(data, data)
         dspark = {**data, **dflash}
         return cls(
+            **geometry,
             algorithm=algorithm,
-            hidden_size=hidden,
             intermediate_size=int(data["intermediate_size"]),
             num_hidden_layers=int(data["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(data.get("num_key_value_heads") or heads),
-            head_dim=int(data.get("head_dim") or hidden // heads),
             vocab_size=int(data["vocab_size"]),
-            target_hidden_size=int(data.get("target_hidden_size") or hidden),
+            target_hidden_size=int(data.get("target_hidden_size") or geometry["hidden_size"]),
             target_num_hidden_layers=int(
                 specflow.pop("target_num_hidden_layers", None) or data.get("num_target_layers") or 0
             ),
             capture_indices=[int(k) for k in capture],
             block_size=int(data.get("block_size") or dflash["block_size"]),
             mask_token_id=int(mask_id),
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-            hidden_act=str(data.get("hidden_act", "silu")),
-            max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            bos_token_id=data.get("bos_token_id"),
-            eos_token_id=data.get("eos_token_id"),
-            pad_token_id=data.get("pad_token_id"),
-            torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
             markov_rank=int(dspark.get("markov_rank") or 0) if algorithm == "dspark" else 0,
             markov_head_type=str(dspark.get("markov_head_type") or "vanilla"),
             enable_confidence_head=bool(dspark.get("enable_confidence_head", False))
@@ -319,13 +294,7 @@ def derive_block_config(
         if d.capture_indices
         else default_capture_indices(num_layers, d.num_capture_layers)
     )
-    base = tgt
-    if d.config_path:
-        path = Path(d.config_path).expanduser()
-        try:
-            base = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"'draft.config_path' {path}: cannot read JSON: {exc}") from None
+    base = geometry_source(tgt, d.config_path)
     hidden = int(base["hidden_size"])
     if hidden != int(tgt["hidden_size"]):
         raise ConfigError(
@@ -339,8 +308,6 @@ def derive_block_config(
             raise ConfigError("set 'draft.mask_token_id' (no target dir to derive it from)")
         mask_id = resolve_mask_token_id(target_dir, vocab)
     mask_id = _check_mask(int(mask_id), vocab)
-    heads = int(base["num_attention_heads"])
-    theta, scaling = rope_settings(base)
     dspark = d.algorithm == "dspark"
     gamma = d.loss_decay_gamma if d.loss_decay_gamma is not None else DEFAULT_GAMMA[d.algorithm]
     specflow: dict[str, Any] = {
@@ -356,28 +323,16 @@ def derive_block_config(
             confidence_weight=float(d.confidence_weight),
         )
     return BlockDraftConfig(
+        **geometry_fields(base, tgt),
         algorithm=d.algorithm,
-        hidden_size=hidden,
         intermediate_size=int(d.intermediate_size or base["intermediate_size"]),
         num_hidden_layers=int(d.num_layers),
-        num_attention_heads=heads,
-        num_key_value_heads=int(base.get("num_key_value_heads") or heads),
-        head_dim=int(base.get("head_dim") or hidden // heads),
         vocab_size=vocab,
         target_hidden_size=int(tgt["hidden_size"]),
         target_num_hidden_layers=num_layers,
         capture_indices=[int(k) for k in capture],
         block_size=int(d.block_size),
         mask_token_id=mask_id,
-        rms_norm_eps=float(base.get("rms_norm_eps", 1e-6)),
-        hidden_act=str(base.get("hidden_act", "silu")),
-        max_position_embeddings=int(base.get("max_position_embeddings", 2048)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        bos_token_id=tgt.get("bos_token_id"),
-        eos_token_id=tgt.get("eos_token_id"),
-        pad_token_id=tgt.get("pad_token_id"),
-        torch_dtype=str(tgt.get("torch_dtype") or tgt.get("dtype") or "float32"),
         markov_rank=int(d.markov_rank) if dspark else 0,
         markov_head_type=str(d.markov_head_type),
         enable_confidence_head=bool(d.enable_confidence_head) and dspark,

@@ -36,7 +36,14 @@ from spec_core.models.block.losses import (
     block_loss,
     prefix_accept,
 )
-from spec_core.models.common.layers import MLP, RMSNorm, apply_rope, rotary_embedding
+from spec_core.models.common.layers import (
+    MLP,
+    AttentionProjections,
+    DraftModel,
+    RMSNorm,
+    apply_rope,
+    rotary_embedding,
+)
 from spec_core.models.common.target import TargetProjection
 
 # ----------------------------------------------------------------------------- modules
@@ -45,19 +52,11 @@ from spec_core.models.common.target import TargetProjection
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
-class BlockAttention(nn.Module):
+class BlockAttention(AttentionProjections):
     """Dual-source attention: queries from the block rows, keys/values from [context ; block]."""
 
     def __init__(self, config: BlockDraftConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        super().__init__(config, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -91,43 +90,20 @@ class BlockDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DFlashDraft(nn.Module):
+class DFlashDraft(DraftModel):
     """The DFlash drafter; ``forward`` is one training step's loss over a ``BlockPlan``."""
 
+    config: BlockDraftConfig
+
     def __init__(self, config: BlockDraftConfig, attention_backend: str = "sdpa") -> None:
-        super().__init__()
-        self.config = config
-        self.attention_backend = attention_backend
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(config.aux_dim, config.hidden_size, bias=False)
+        super().__init__(config, attention_backend)
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList(
             BlockDecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = rotary_embedding(
-            config.head_dim,
-            config.rope_theta,
-            config.rope_scaling,
-            config.max_position_embeddings,
-            config.hidden_size,
-            config.num_attention_heads,
-        )
+        self.rotary_emb = rotary_embedding(config)
         self.loss_weights = loss_weights(config)
-
-    @torch.no_grad()
-    def init_weights(self, generator: Optional[torch.Generator] = None, std: float = 0.02) -> None:
-        """normal(0, std) weights, norms at 1, biases at 0; the frozen embedding is untouched."""
-        for name, param in self.named_parameters():
-            if name == "embed_tokens.weight":
-                continue
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     # ---- backbone --------------------------------------------------------------------------
 

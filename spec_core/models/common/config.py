@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -16,6 +17,7 @@ from spec_core.errors import ConfigError
 from spec_core.utils.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 Self = TypeVar("Self", bound="DraftConfigBase")
 
@@ -52,6 +54,26 @@ class DraftConfigBase:
         """A ``config.json`` (or the dir holding one) -> this config class."""
         path = config_file(path)
         return cls.from_hf_dict(read_config_json(path), source=str(path))
+
+
+@dataclass(kw_only=True)
+class DraftGeometry(DraftConfigBase):
+    """The Llama/Qwen3 layer geometry every draft config holds; keyword-only, so each algorithm's
+    own fields keep their order. ``geometry_fields`` derives it from a target or saved config."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list[int]] = None
+    pad_token_id: Optional[int] = None
+    torch_dtype: str = "float32"
 
 
 def config_file(path: str | Path) -> Path:
@@ -91,3 +113,46 @@ def rope_settings(cfg: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]
 def text_config(target: dict[str, Any]) -> dict[str, Any]:
     """The language-model part of a target config (VLM configs nest it under text_config)."""
     return target.get("text_config") or target
+
+
+def geometry_source(target: dict[str, Any], config_path: Optional[str]) -> dict[str, Any]:
+    """The config a derived draft copies its layer geometry from: ``draft.config_path``'s JSON
+    when set (a smaller or larger drafter than the target), else the target's own."""
+    if not config_path:
+        return target
+    path = Path(config_path).expanduser()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"'draft.config_path' {path}: cannot read JSON: {exc}") from None
+
+
+def geometry_fields(geometry: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """The ``DraftGeometry`` fields as constructor keywords: shapes, norm, activation and RoPE
+    from ``geometry``; special token ids and dtype from ``target``
+    (the same dict when a saved draft config is read back)."""
+    heads = int(geometry["num_attention_heads"])
+    hidden = int(geometry["hidden_size"])
+    theta, scaling = rope_settings(geometry)
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(geometry.get("num_key_value_heads") or heads),
+        "head_dim": int(geometry.get("head_dim") or hidden // heads),
+        "rms_norm_eps": float(geometry.get("rms_norm_eps", 1e-6)),
+        "hidden_act": str(geometry.get("hidden_act", "silu")),
+        "max_position_embeddings": int(geometry.get("max_position_embeddings", 2048)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "bos_token_id": target.get("bos_token_id"),
+        "eos_token_id": target.get("eos_token_id"),
+        "pad_token_id": target.get("pad_token_id"),
+        "torch_dtype": str(target.get("torch_dtype") or target.get("dtype") or "float32"),
+    }
+
+
+def require_fields(data: dict[str, Any], source: str, *extra: str) -> None:
+    """A saved draft config must name the geometry no default can stand in for."""
+    for key in (*REQUIRED_FIELDS, *extra):
+        if key not in data:
+            raise ConfigError(f"{source}: missing required field '{key}'")

@@ -24,30 +24,24 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def rotary_embedding(
-    head_dim: int,
-    rope_theta: float,
-    rope_scaling: Optional[dict[str, Any]],
-    max_position_embeddings: int,
-    hidden_size: int,
-    num_attention_heads: int,
-) -> nn.Module:
-    """HF's Llama RoPE module (all scaling types); ``forward(x, position_ids) -> (cos, sin)``.
+def rotary_embedding(config: Any) -> nn.Module:
+    """HF's Llama RoPE module (all scaling types) for a draft config's head geometry;
+    ``forward(x, position_ids) -> (cos, sin)``.
 
     Its buffers are non-persistent, so it never shows up in a state dict.
     """
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
+    llama = LlamaConfig(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        rope_scaling=config.rope_scaling,
     )
-    return LlamaRotaryEmbedding(config)
+    return LlamaRotaryEmbedding(llama)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,3 +84,46 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AttentionProjections(nn.Module):
+    """The q/k/v/o linears of a GQA attention (no bias), named as the engines load them; each
+    draft's attention subclasses it and adds its own attention pattern."""
+
+    def __init__(self, config: Any, in_dim: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(in_dim, q_dim, bias=False)
+        self.k_proj = nn.Linear(in_dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(in_dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+
+
+class DraftModel(nn.Module):
+    """What every drafter starts with: the frozen target embedding and the ``fc`` that fuses the
+    captured target features into one hidden state; subclasses add their layers after these."""
+
+    def __init__(self, config: Any, attention_backend: str) -> None:
+        super().__init__()
+        self.config = config
+        self.attention_backend = attention_backend
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(config.aux_dim, config.hidden_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: Optional[torch.Generator] = None, std: float = 0.02) -> None:
+        """Llama-style init: normal(0, std) weights, norms at 1, biases at 0; the frozen embedding
+        is untouched (it is loaded from the target)."""
+        for name, param in self.named_parameters():
+            if name == "embed_tokens.weight":
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

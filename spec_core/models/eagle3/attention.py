@@ -19,7 +19,7 @@ backward on CPU).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,7 @@ import torch.nn.functional as F
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Dense causal self-attention, ``[B, T, H, d]`` in and out (TTT step 0)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-    )
-    return out.transpose(1, 2)
+    return _token_major_sdpa(q, k, v, is_causal=True)
 
 
 def cached_attention(
@@ -49,10 +46,29 @@ def cached_attention(
     mask = allowed[None, None]
     if key_mask is not None:
         mask = mask & key_mask[:, None, None, :].bool()
+    return _token_major_sdpa(q, k, v, attn_mask=mask)
+
+
+def _token_major_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask: Any
+) -> torch.Tensor:
+    """SDPA on token-major ``[B, N, heads, d]`` tensors (SDPA itself wants heads first)."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True, **mask
     )
     return out.transpose(1, 2)
+
+
+def row_segments(q_batch: torch.Tensor, bsz: int) -> list[tuple[int, int, int]]:
+    """(b, start, end) row ranges per sequence of packed rows sorted by sequence (``q_batch``
+    [n] their sequence index); sequences without rows get none."""
+    counts = torch.bincount(q_batch, minlength=bsz).tolist()
+    segments, start = [], 0
+    for b, n in enumerate(counts):
+        if n:
+            segments.append((b, start, start + n))
+        start += n
+    return segments
 
 
 def ttt_attention_explicit(

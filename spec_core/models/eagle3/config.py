@@ -8,38 +8,29 @@ TorchSpec derives head_dim as hidden/heads, which is wrong for targets where the
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from spec_core.config import DraftConfig
 from spec_core.contracts.capture import check_capture_indices
 from spec_core.errors import ConfigError
-from spec_core.models.common.config import DraftConfigBase, rope_settings, text_config
+from spec_core.models.common.config import (
+    DraftGeometry,
+    geometry_fields,
+    geometry_source,
+    require_fields,
+    text_config,
+)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 
 @dataclass
-class Eagle3Config(DraftConfigBase):
-    hidden_size: int
+class Eagle3Config(DraftGeometry):
     intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     vocab_size: int  # the target's vocab: embedding rows and d2t/t2d space
     draft_vocab_size: int  # lm_head rows
     target_hidden_size: int  # fc input is len(capture_indices) * target_hidden_size
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int | list[int]] = None
-    pad_token_id: Optional[int] = None
-    torch_dtype: str = "float32"
     specflow: dict[str, Any] = field(default_factory=dict)  # capture_indices, ttt_length, ...
 
     @property
@@ -85,30 +76,14 @@ class Eagle3Config(DraftConfigBase):
                 f"{source}: num_hidden_layers must be 1 for an EAGLE-3 draft "
                 f"(got {data.get('num_hidden_layers')})"
             )
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
-            if key not in data:
-                raise ConfigError(f"{source}: missing required field '{key}'")
-        theta, scaling = rope_settings(data)
-        heads = int(data["num_attention_heads"])
-        hidden = int(data["hidden_size"])
+        require_fields(data, source)
+        geometry = geometry_fields(data, data)
         return cls(
-            hidden_size=hidden,
+            **geometry,
             intermediate_size=int(data["intermediate_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(data.get("num_key_value_heads") or heads),
-            head_dim=int(data.get("head_dim") or hidden // heads),
             vocab_size=int(data["vocab_size"]),
             draft_vocab_size=int(data.get("draft_vocab_size") or data["vocab_size"]),
-            target_hidden_size=int(data.get("target_hidden_size") or hidden),
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-            hidden_act=str(data.get("hidden_act", "silu")),
-            max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            bos_token_id=data.get("bos_token_id"),
-            eos_token_id=data.get("eos_token_id"),
-            pad_token_id=data.get("pad_token_id"),
-            torch_dtype=str(data.get("torch_dtype") or data.get("dtype") or "float32"),
+            target_hidden_size=int(data.get("target_hidden_size") or geometry["hidden_size"]),
             specflow=dict(data.get("specflow") or {}),
         )
 
@@ -153,16 +128,7 @@ def derive_eagle3_config(
         raise ConfigError(
             f"draft vocab size {draft_vocab_size} must be in [1, {vocab}] (the target vocab)"
         )
-    base = tgt
-    if draft_cfg.config_path:
-        path = Path(draft_cfg.config_path).expanduser()
-        try:
-            base = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"'draft.config_path' {path}: cannot read JSON: {exc}") from None
-    theta, scaling = rope_settings(base)
-    heads = int(base["num_attention_heads"])
-    hidden = int(base["hidden_size"])
+    base = geometry_source(tgt, draft_cfg.config_path)
     specflow = {
         "algorithm": "eagle3",
         "capture_indices": [int(k) for k in capture],
@@ -172,22 +138,10 @@ def derive_eagle3_config(
         "last_hidden_prenorm": bool(draft_cfg.last_hidden_prenorm),
     }
     return Eagle3Config(
-        hidden_size=hidden,
+        **geometry_fields(base, tgt),
         intermediate_size=int(draft_cfg.intermediate_size or base["intermediate_size"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(base.get("num_key_value_heads") or heads),
-        head_dim=int(base.get("head_dim") or hidden // heads),
         vocab_size=vocab,
         draft_vocab_size=int(draft_vocab_size),
         target_hidden_size=int(tgt["hidden_size"]),
-        rms_norm_eps=float(base.get("rms_norm_eps", 1e-6)),
-        hidden_act=str(base.get("hidden_act", "silu")),
-        max_position_embeddings=int(base.get("max_position_embeddings", 2048)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        bos_token_id=tgt.get("bos_token_id"),
-        eos_token_id=tgt.get("eos_token_id"),
-        pad_token_id=tgt.get("pad_token_id"),
-        torch_dtype=str(tgt.get("torch_dtype") or tgt.get("dtype") or "float32"),
         specflow=specflow,
     )

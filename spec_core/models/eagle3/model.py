@@ -27,11 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spec_core.models.common.layers import MLP, RMSNorm, apply_rope, rotary_embedding
+from spec_core.models.common.layers import (
+    MLP,
+    AttentionProjections,
+    DraftModel,
+    RMSNorm,
+    apply_rope,
+    rotary_embedding,
+)
 from spec_core.models.common.target import TargetProjection
 from spec_core.models.eagle3.attention import (
     cached_attention,
     causal_attention,
+    row_segments,
     ttt_attention_flex,
     ttt_attention_sdpa,
 )
@@ -47,17 +55,11 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-class Eagle3Attention(nn.Module):
+class Eagle3Attention(AttentionProjections):
+    """Attention over ``[norm_in(e) ‖ norm_hidden(hidden)]``: its input is twice the hidden size."""
+
     def __init__(self, config: Eagle3Config) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        in_dim = 2 * config.hidden_size
-        self.q_proj = nn.Linear(in_dim, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        super().__init__(config, 2 * config.hidden_size)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
@@ -97,41 +99,18 @@ class Eagle3DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
 
-class Eagle3Draft(nn.Module):
+class Eagle3Draft(DraftModel):
+    config: Eagle3Config
+
     def __init__(self, config: Eagle3Config, attention_backend: str = "sdpa") -> None:
-        super().__init__()
-        self.config = config
-        self.attention_backend = attention_backend
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(config.aux_dim, config.hidden_size, bias=False)
+        super().__init__(config, attention_backend)
         self.midlayer = Eagle3DecoderLayer(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         if config.pruned:
             self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
-        self.rotary_emb = rotary_embedding(
-            config.head_dim,
-            config.rope_theta,
-            config.rope_scaling,
-            config.max_position_embeddings,
-            config.hidden_size,
-            config.num_attention_heads,
-        )
-
-    # ---- initialization -------------------------------------------------------------------
-
-    @torch.no_grad()
-    def init_weights(self, generator: Optional[torch.Generator] = None, std: float = 0.02) -> None:
-        """Llama-style init of the trainable weights (normal(0, std), norms at 1)."""
-        for name, param in self.named_parameters():
-            if name == "embed_tokens.weight":
-                continue
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        self.rotary_emb = rotary_embedding(config)
 
     @torch.no_grad()
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
@@ -261,12 +240,7 @@ class Eagle3Draft(nn.Module):
             diag_v = torch.stack([ev for _, ev in earlier] + [v], dim=1)
             if self.attention_backend == "flex":
                 return ttt_attention_flex(q, k0, v0, diag_k, diag_v, pos_idx, batch_idx)
-            counts = torch.bincount(batch_idx, minlength=bsz).tolist()
-            segments, start = [], 0
-            for b, n in enumerate(counts):
-                if n:
-                    segments.append((b, start, start + n))
-                start += n
+            segments = row_segments(batch_idx, bsz)
             return ttt_attention_sdpa(q, k0, v0, diag_k, diag_v, pos_idx, segments)
 
         return attend
