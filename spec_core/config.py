@@ -189,6 +189,9 @@ class EvaluationConfig:
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
     # torch threads while decoding (0 = torch's default); batch-1 decode is latency-bound
     num_threads: int = 1
+    # DSpark: end a drafted block after the first slot whose predicted acceptance (its confidence
+    # head) is below this; 0 drafts whole blocks
+    min_confidence: float = 0.0
 
 
 @dataclass
@@ -356,11 +359,6 @@ def _check_consistency(cfg: Config) -> None:
             )
         if d.block_size < 2:
             raise ConfigError(f"'draft.block_size' must be >= 2, got {d.block_size}")
-        if cfg.evaluation.enabled:  # no speculative-decoding proposer for block drafts yet
-            raise ConfigError(
-                f"'evaluation.enabled' needs a proposer, which draft.algorithm {d.algorithm} has "
-                "not; set evaluation.enabled=false and registry.enabled=false"
-            )
         _check_block_draft(d)
     if v.draft_vocab_size is not None and v.draft_vocab_size <= 0:
         raise ConfigError(

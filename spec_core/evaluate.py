@@ -2,7 +2,8 @@
 
 The draft is loaded back from its HF export dir (what the engines load), never from trainer
 objects, by its algorithm (``algorithm_of`` the dir), which also supplies the ``Proposer`` that
-drafts (EAGLE-3: chain drafting). Greedy verification, batch size 1, fp32 on CPU:
+drafts (EAGLE-3: chain drafting, k tokens; DFlash/DSpark: one block of up to k tokens, which a
+DSpark confidence head may end early). Greedy verification, batch size 1, fp32 on CPU:
 
 * prefill: the target runs the prompt x_0..x_{P-1} and emits x_P (greedy);
 * round: the proposer drafts d_1..d_k from the tokens so far and the target hidden states it has
@@ -224,9 +225,9 @@ class SpeculativeDecoder:
                 use_cache=True,
                 output_hidden_states=True,
             )
-            preds = out.logits[0].argmax(-1).tolist()  # k + 1 greedy target tokens
+            preds = out.logits[0].argmax(-1).tolist()  # len(drafts) + 1 greedy target tokens
             a = 0
-            while a < self.k and drafts[a] == preds[a]:
+            while a < len(drafts) and drafts[a] == preds[a]:
                 a += 1
             accepted.append(a)
             new = [*drafts[:a], preds[a]]
@@ -242,11 +243,12 @@ def load_proposer(
     target: Any,
     target_dir: str | Path,
     embedding_key: str = "model.embed_tokens.weight",
+    evaluation: Optional[EvaluationConfig] = None,
 ) -> Proposer:
     """The exported draft, loaded back as the engines see it, in its algorithm's proposer."""
     algorithm = algorithm_of(hf_dir)
     draft = algorithm.load_export(hf_dir, target_dir, embedding_key)
-    return algorithm.proposer(draft, target.config)
+    return algorithm.proposer(draft, target, evaluation)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -405,7 +407,7 @@ def evaluate_prompts(
         target_fingerprint(target_dir)[:16],
     )
     target = load_target(target_dir)
-    proposer = load_proposer(hf_dir, target, target_dir, embedding_key)
+    proposer = load_proposer(hf_dir, target, target_dir, embedding_key, ev)
     log.info("evaluating %s on %d prompts", hf_dir, len(prompts))
     threads = torch.get_num_threads()
     if ev.num_threads > 0:

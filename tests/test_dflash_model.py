@@ -414,7 +414,13 @@ def test_flex_and_sdpa_agree_forward_backward_on_cuda():
 
 
 def test_default_layer_spread_matches_the_reference():
-    assert default_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B: SpecForge's qwen3-8b-dflash config
+    assert default_layer_ids(36, 5) == [
+        1,
+        9,
+        17,
+        25,
+        33,
+    ]  # Qwen3-8B: SpecForge's qwen3-8b-dflash config
     assert default_capture_indices(36, 5) == (2, 10, 18, 26, 34)
     assert default_layer_ids(30, 5) == [1, 8, 14, 20, 27]  # SmolLM2: Python rounding (7.5 -> 8)
     assert default_layer_ids(30, 1) == [15]
@@ -542,26 +548,31 @@ def test_presets_select_model_loss_and_captures(preset, algorithm, last_hidden, 
     assert spec.with_last_hidden is last_hidden and spec.capture_indices == captures
 
 
-@pytest.mark.parametrize("algorithm", ["dflash", "dspark"])
-def test_evaluation_without_a_proposer_fails_at_config_load(algorithm):
-    overrides = [f"draft.algorithm={algorithm}", "vocab.draft_vocab_size=null"]
-    with pytest.raises(
-        ConfigError, match="set evaluation.enabled=false and registry.enabled=false"
-    ):
-        load_config(None, overrides)
-    cfg = load_config(None, [*overrides, "evaluation.enabled=false", "registry.enabled=false"])
-    assert cfg.draft.algorithm == algorithm
+def test_every_algorithm_is_evaluated_through_its_proposer(tiny_target_dir):
+    """A block-draft config keeps evaluation on (its presets register like EAGLE-3), and every
+    algorithm's proposer drafts for a real HF target."""
+    from transformers import AutoModelForCausalLM
 
-
-def test_config_refuses_evaluation_exactly_for_algorithms_without_a_proposer():
     from spec_core.models import ALGORITHMS
+    from spec_core.models.algorithm import Proposer
 
-    for name, algo in ALGORITHMS.items():
-        overrides = [f"draft.algorithm={name}", "vocab.draft_vocab_size=null"]
-        if algo.has_proposer:
-            assert load_config(None, overrides).evaluation.enabled
-        else:
-            with pytest.raises(ConfigError, match="needs a proposer"):
-                load_config(None, overrides)
-            with pytest.raises(ConfigError, match="no speculative-decoding proposer"):
-                algo.proposer(torch.nn.Linear(1, 1), None)
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    for name in ALGORITHMS:
+        cfg = load_config(None, [f"draft.algorithm={name}", "vocab.draft_vocab_size=null"])
+        assert cfg.evaluation.enabled and cfg.registry.enabled
+    from spec_core.models.common.target import load_target_head, read_target_config
+
+    for name in ("dflash", "dspark"):
+        cfg = load_config(None, [f"draft.algorithm={name}", "draft.capture_indices=[1,2,3]"])
+        algo = get_algorithm(name)
+        dcfg = algo.derive_config(read_target_config(tiny_target_dir), cfg, None, tiny_target_dir)
+        head_ = load_target_head(tiny_target_dir, cfg.target)
+        draft = algo.build_model(dcfg, cfg, head_, None, torch.device("cpu")).eval()
+        proposer = algo.proposer(draft, target, cfg.evaluation)
+        assert isinstance(proposer, Proposer)
+        drafts = proposer.propose(
+            [5, 6, 7, 8],
+            target(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states,
+            3,
+        )
+        assert len(drafts) == 3 and all(0 <= t < dcfg.vocab_size for t in drafts)

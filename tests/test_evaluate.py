@@ -339,9 +339,9 @@ def test_decoder_checks_the_draft_fits_the_target(tiny_target_dir, bigram_target
     with pytest.raises(
         Exception, match=r"invalid: each index must be in \[0, 3\] for a target with 4 layers"
     ):
-        eagle3.proposer(draft, target.config)
+        eagle3.proposer(draft, target)
     with pytest.raises(Exception, match="num_draft_tokens"):
-        SpeculativeDecoder(target, eagle3.proposer(draft_for(tiny_target_dir), target.config), 0)
+        SpeculativeDecoder(target, eagle3.proposer(draft_for(tiny_target_dir), target), 0)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from spec_core.config import Config, DraftConfig
-from spec_core.errors import ConfigError
+from spec_core.config import Config, DraftConfig, EvaluationConfig
 from spec_core.models.common.config import DraftConfigBase
 from spec_core.models.common.hf import ExportError
 from spec_core.models.common.target import TargetProjection
@@ -209,11 +208,9 @@ class DraftAlgorithm(ABC):
 
     # ---- evaluation -------------------------------------------------------------------------
 
-    has_proposer = False  # spec_core.config refuses evaluation for algorithms without one
-
-    def proposer(self, draft: nn.Module, target_config: Any) -> Proposer:
-        """The drafter the evaluator calls; ``target_config`` is the HF target's config."""
-        raise ConfigError(
-            f"{self.name} drafts have no speculative-decoding proposer yet; set "
-            "evaluation.enabled=false and registry.enabled=false"
-        )
+    @abstractmethod
+    def proposer(
+        self, draft: nn.Module, target: nn.Module, evaluation: Optional[EvaluationConfig] = None
+    ) -> Proposer:
+        """The drafter the evaluator calls. ``target`` is the HF target model (block drafters
+        share its ``lm_head``); ``evaluation`` carries the decoding settings."""

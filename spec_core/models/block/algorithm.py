@@ -156,3 +156,8 @@ class BlockAlgorithm(DraftAlgorithm):
         return export.load_export(
             Path(hf_dir), Path(target_dir) if target_dir else None, embedding_key, dtype
         )
+
+    def proposer(self, draft, target, evaluation=None):
+        from spec_core.models.block.proposer import BlockProposer
+
+        return BlockProposer(draft, target, evaluation.min_confidence if evaluation else 0.0)

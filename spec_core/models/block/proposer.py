@@ -92,4 +92,3 @@ class BlockProposer(Proposer):
             emb = self.draft.markov_head.prev_embeddings(prev_ids[j])  # type: ignore[union-attr]
             features = torch.cat([features, emb.to(pred.dtype)], dim=-1)
         return float(torch.sigmoid(self.draft.confidence_head(features)))  # type: ignore[misc]
-

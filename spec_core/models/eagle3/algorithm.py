@@ -75,7 +75,6 @@ class Eagle3Algorithm(DraftAlgorithm):
     name = "eagle3"
     architectures = (ARCHITECTURE,)
     speculators_type = "eagle3"
-    has_proposer = True
 
     def parse_config(self, data: dict[str, Any], source: str) -> Eagle3Config:
         return Eagle3Config.from_hf_dict(data, source)
@@ -150,7 +149,7 @@ class Eagle3Algorithm(DraftAlgorithm):
             Path(hf_dir), Path(target_dir) if target_dir else None, embedding_key, dtype
         )
 
-    def proposer(self, draft, target_config):
+    def proposer(self, draft, target, evaluation=None):
         from spec_core.models.eagle3.proposer import Eagle3Proposer
 
-        return Eagle3Proposer(draft, target_config)
+        return Eagle3Proposer(draft, target.config)
