@@ -14,6 +14,7 @@ capture read from stale slots would fail.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import random
@@ -23,6 +24,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from helpers import random_samples
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import TokenizedSample
@@ -173,14 +175,7 @@ class FakeVLLM:
 FAKE_RUNTIME = (FakeVLLM, None)
 
 
-def _samples(n: int, seed: int = 0, lo: int = 1, hi: int = 23) -> list[TokenizedSample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        length = rng.randint(lo, hi)
-        ids = [rng.randrange(3, 49152) for _ in range(length)]
-        out.append(TokenizedSample(f"s{i}", ids, [rng.randint(0, 1) for _ in range(length)]))
-    return out
+_samples = functools.partial(random_samples, lo=1, hi=23)
 
 
 @pytest.mark.parametrize(

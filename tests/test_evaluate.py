@@ -17,14 +17,13 @@ bonus token and cache cropping at the end of the chain.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOKENIZER_FILES
 
+from spec_core.assets import TINY_TARGET_VOCAB, build_tiny_target
 from spec_core.config import load_config
 from spec_core.data.conversation import Conversation, Message
 from spec_core.evaluate import (
@@ -47,7 +46,7 @@ from spec_core.models.common.target import read_tensors
 from spec_core.models.eagle3.config import derive_eagle3_config
 from spec_core.models.eagle3.model import Eagle3Draft
 
-V, H = 49152, 64
+V, H = TINY_TARGET_VOCAB, 64
 EMB = "model.embed_tokens.weight"
 
 
@@ -90,26 +89,10 @@ def successor_head(emb: torch.Tensor, succ: torch.Tensor) -> torch.Tensor:
 
 
 def make_bigram_target(out: Path, tokenizer_dir: Path, perm: torch.Tensor) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=2 * H,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=H // 4,
-        max_position_embeddings=2048,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    build_tiny_target(out, tokenizer_dir, hidden=H, tie=False)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     emb = unit_rows(1)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(emb)
@@ -119,9 +102,6 @@ def make_bigram_target(out: Path, tokenizer_dir: Path, perm: torch.Tensor) -> Pa
         model.model.norm.weight.fill_(1.0)
         model.lm_head.weight.copy_(successor_head(emb, perm))
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, out / name)
     return out
 
 
@@ -337,7 +317,7 @@ def test_decoder_checks_the_draft_fits_the_target(tiny_target_dir, bigram_target
     draft.config.specflow["capture_indices"] = [1, 2, 9]
     eagle3 = get_algorithm("eagle3")
     with pytest.raises(
-        Exception, match="invalid: each index must be in \[0, 3\] for a target with 4 layers"
+        Exception, match=r"invalid: each index must be in \[0, 3\] for a target with 4 layers"
     ):
         eagle3.proposer(draft, target.config)
     with pytest.raises(Exception, match="num_draft_tokens"):
