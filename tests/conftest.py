@@ -69,3 +69,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def queue_address():
+    """A fresh key-queue TCPStore on 127.0.0.1 (tests using it run in a private network
+    namespace)."""
+    from spec_core.transfer.queue import start_queue_server
+
+    store, port = start_queue_server("127.0.0.1")
+    yield f"127.0.0.1:{port}"
+    del store

@@ -1,15 +1,19 @@
 """Test helpers shared by several test modules (fixtures live in conftest.py): random engine
-samples, the capture-column comparison of an engine against HF, random tokenized splits and
-tiny torchrun training runs."""
+samples, the capture-column comparison of an engine against HF, an engine without its runtime,
+random tokenized splits and tiny torchrun training runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
+from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import TokenizedSample
+from spec_core.errors import ConfigError
 
 
 def random_samples(n: int, *, lo: int, hi: int, seed: int = 0) -> list[TokenizedSample]:
@@ -52,6 +56,18 @@ def assert_columns_nearest_own_index(
 def capture_neighbours(capture: tuple[int, ...]) -> tuple[int, ...]:
     """Every capture index and the ones either side: what the HF reference captures."""
     return tuple(sorted({kk for k in capture for kk in (k - 1, k, k + 1)}))
+
+
+def assert_engine_refused_without(
+    module: str, engine_cls: type, label: str, target_dir: Path, tmp_path: Path
+) -> None:
+    """Without ``module`` installed the engine fails with one clear error and leaves no handoff
+    files behind (skipped where ``module`` is installed)."""
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    with pytest.raises(ConfigError, match=f"{label} is not installed"):
+        engine_cls(target_dir, CaptureSpec((1,), False), handoff_root=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
 
 
 def make_split(path: Path, n: int, seed: int = 0, zero_mask: bool = False) -> Path:

@@ -20,7 +20,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_columns_nearest_own_index, capture_neighbours, random_samples
+from helpers import (
+    assert_columns_nearest_own_index,
+    assert_engine_refused_without,
+    capture_neighbours,
+    random_samples,
+)
 from torch import nn
 
 from spec_core.contracts.capture import CaptureSpec
@@ -296,11 +301,7 @@ def test_server_args_protect_our_settings_and_check_the_version(tiny_target_dir,
 
 
 def test_missing_sglang_is_one_clear_error(tiny_target_dir, tmp_path):
-    if importlib.util.find_spec("sglang") is not None:
-        pytest.skip("sglang is installed here")
-    with pytest.raises(ConfigError, match="SGLang is not installed"):
-        SGLangEngine(tiny_target_dir, CaptureSpec((1,), False), handoff_root=str(tmp_path))
-    assert list(tmp_path.iterdir()) == []
+    assert_engine_refused_without("sglang", SGLangEngine, "SGLang", tiny_target_dir, tmp_path)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,6 @@ capture read from stale slots would fail.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from helpers import random_samples
+from helpers import assert_engine_refused_without, random_samples
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import TokenizedSample
@@ -297,11 +296,7 @@ def test_final_norm_turns_prenorm_into_hf_last_hidden(tiny_target_dir):
 
 
 def test_missing_vllm_is_one_clear_error(tiny_target_dir, tmp_path):
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
-    with pytest.raises(ConfigError, match="vLLM is not installed"):
-        VLLMEngine(tiny_target_dir, CaptureSpec((1,), False), handoff_root=str(tmp_path))
-    assert list(tmp_path.iterdir()) == []
+    assert_engine_refused_without("vllm", VLLMEngine, "vLLM", tiny_target_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
