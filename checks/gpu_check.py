@@ -48,7 +48,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -710,8 +710,9 @@ def check_dspark_train_cuda(ctx: Context) -> dict[str, Any]:
     )
 
 
-def bench_shapes() -> SimpleNamespace:
-    """benchmarks/train_step.py's own shapes (one fact in one place)."""
+def bench_shapes() -> ModuleType:
+    """benchmarks/train_step.py as a module: its own shapes and draft builder (one fact in one
+    place)."""
     spec = importlib.util.spec_from_file_location(
         "bench_train_step", ROOT / "benchmarks" / "train_step.py"
     )
