@@ -60,26 +60,37 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def build(bsz: int, length: int, draft_vocab: int):
-    """Draft, batch and target head for one configuration; returns {impl: step function}."""
+def random_draft(target: dict, ttt: int, draft_vocab: int):
+    """A seeded EAGLE-3 draft for ``target`` and, when ``draft_vocab`` prunes, a random draft
+    vocabulary set on it; returns (model, t2d or None). The GPU check builds its drafts here too."""
     import torch
 
     from spec_core.config import DraftConfig
-    from spec_core.models.common.target import TargetProjection
     from spec_core.models.eagle3.config import derive_eagle3_config
-    from spec_core.models.eagle3.losses import pooled_scales, supervised_counts
     from spec_core.models.eagle3.model import Eagle3Draft
-    from spec_core.models.eagle3.reference import reference_loss
 
+    vocab = target["vocab_size"]
     torch.manual_seed(0)
-    cfg = derive_eagle3_config(SMOLLM2, DraftConfig(ttt_length=TTT), draft_vocab)
+    cfg = derive_eagle3_config(target, DraftConfig(ttt_length=ttt), draft_vocab)
     model = Eagle3Draft(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     t2d = None
     if cfg.pruned:
-        t2d = torch.zeros(TARGET_VOCAB, dtype=torch.bool)
-        t2d[torch.randperm(TARGET_VOCAB)[:draft_vocab]] = True
+        t2d = torch.zeros(vocab, dtype=torch.bool)
+        t2d[torch.randperm(vocab)[:draft_vocab]] = True
         model.set_vocab_map(t2d.nonzero().squeeze(1) - torch.arange(draft_vocab), t2d)
+    return model, t2d
+
+
+def build(bsz: int, length: int, draft_vocab: int):
+    """Draft, batch and target head for one configuration; returns {impl: step function}."""
+    import torch
+
+    from spec_core.models.common.target import TargetProjection
+    from spec_core.models.eagle3.losses import pooled_scales, supervised_counts
+    from spec_core.models.eagle3.reference import reference_loss
+
+    model, t2d = random_draft(SMOLLM2, TTT, draft_vocab)
     hidden = SMOLLM2["hidden_size"]
     ids = torch.randint(0, TARGET_VOCAB, (bsz, length))
     attn = torch.ones(bsz, length, dtype=torch.bool)

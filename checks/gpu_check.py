@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import importlib.util
 import json
 import math
@@ -47,7 +48,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,114 +59,65 @@ REPORT_SCHEMA = 1
 DEFAULT_BUNDLE = ROOT / ".gpu-check"
 DEFAULT_BUDGET_S = 480.0  # the issue's 8 minutes on one H100
 STATUSES = ("pass", "fail", "skipped")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # import name -> pip requirement, for what spec_core needs and the GPU image may lack
 CARRIED_PACKAGES = {"omegaconf": "omegaconf==2.4.0"}
 SLICE = {"conversations": 48, "eval_conversations": 8, "max_seq_length": 256}
-TARGET_VOCAB = 49152  # SmolLM2's tokenizer
 EAGLE3_STEPS = 12  # the bf16 run; resumed from its middle checkpoint
 DOCS_BEGIN, DOCS_END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 DOCS_REPORT = ROOT / "docs" / "gpu-check" / "latest.json"
 
 
 # =============================================================================================
-# spec_core adapter: the ONLY place this script imports spec_core; re-point imports here.
+# spec_core adapter: the ONLY place this script names spec_core; re-point imports here.
 # =============================================================================================
 
 
-def sc_attention() -> SimpleNamespace:
-    from spec_core.models.eagle3.attention import (
-        ttt_attention_explicit,
-        ttt_attention_flex,
-        ttt_attention_sdpa,
-    )
-
-    return SimpleNamespace(
-        explicit=ttt_attention_explicit, flex=ttt_attention_flex, sdpa=ttt_attention_sdpa
-    )
-
-
-def sc_eagle3() -> SimpleNamespace:
-    from spec_core.config import DraftConfig
-    from spec_core.models.common.target import TargetProjection
-    from spec_core.models.eagle3.config import Eagle3Config, derive_eagle3_config
-    from spec_core.models.eagle3.losses import pooled_scales, supervised_counts
-    from spec_core.models.eagle3.model import Eagle3Draft
-    from spec_core.models.eagle3.reference import reference_loss
-
-    return SimpleNamespace(
-        DraftConfig=DraftConfig,
-        Eagle3Config=Eagle3Config,
-        derive_config=derive_eagle3_config,
-        Draft=Eagle3Draft,
-        TargetProjection=TargetProjection,
-        pooled_scales=pooled_scales,
-        supervised_counts=supervised_counts,
-        reference_loss=reference_loss,
-    )
-
-
-def sc_train_job() -> SimpleNamespace:
-    from spec_core.config import load_config
-    from spec_core.training.job import TrainJob
-
-    return SimpleNamespace(load_config=load_config, TrainJob=TrainJob)
+# The name this script uses -> "module" (same attribute name) or "module:attribute".
+SPEC_CORE = {
+    "ttt_attention_explicit": "spec_core.models.eagle3.attention",
+    "ttt_attention_flex": "spec_core.models.eagle3.attention",
+    "ttt_attention_sdpa": "spec_core.models.eagle3.attention",
+    "Eagle3Config": "spec_core.models.eagle3.config",
+    "Eagle3Draft": "spec_core.models.eagle3.model",
+    "TargetProjection": "spec_core.models.common.target",
+    "pooled_scales": "spec_core.models.eagle3.losses",
+    "supervised_counts": "spec_core.models.eagle3.losses",
+    "reference_loss": "spec_core.models.eagle3.reference",
+    "load_config": "spec_core.config",
+    "TrainJob": "spec_core.training.job",
+    "TokenizedSplit": "spec_core.training.inprocess",
+    "worker_main": "spec_core.training.worker:main",
+    "CaptureSpec": "spec_core.contracts.capture",
+    "TokenizedSample": "spec_core.contracts.samples",
+    "HFEngine": "spec_core.engines.hf",
+    "EvalPrompt": "spec_core.evaluate",
+    "load_target": "spec_core.evaluate",
+    "run_evaluation": "spec_core.evaluate",
+    "export_draft": "spec_core.export",
+    "algorithm_of": "spec_core.models",
+    "TOKENIZER_FILES": "spec_core.assets",
+    "TINY_TARGET_VOCAB": "spec_core.assets",
+    "build_tiny_target": "spec_core.assets",
+    # development machine only (needs datasets, the SmolLM2 and chitchat packages)
+    "resolve_target_path": "spec_core.assets",
+    "ConversationRenderer": "spec_core.data.render",
+    "load_tokenized": "spec_core.data.tokenize",
+    "prepare_dataset": "spec_core.data.tokenize",
+    "load_prompts": "spec_core.evaluate",
+    "cache_dir": "spec_core.paths",
+}
 
 
-def sc_train_worker() -> SimpleNamespace:
-    from spec_core.training import worker
-    from spec_core.training.inprocess import TokenizedSplit
+class SpecCore:
+    """``sc.<name>``: the spec_core object named in ``SPEC_CORE``, imported on first use, so a
+    cheap check imports only what it touches (and no torch)."""
 
-    return SimpleNamespace(main=worker.main, TokenizedSplit=TokenizedSplit)
-
-
-def sc_hf_engine() -> SimpleNamespace:
-    from spec_core.contracts.capture import CaptureSpec
-    from spec_core.contracts.samples import TokenizedSample
-    from spec_core.engines.hf import HFEngine
-
-    return SimpleNamespace(HFEngine=HFEngine, CaptureSpec=CaptureSpec, Sample=TokenizedSample)
+    def __getattr__(self, name: str) -> Any:
+        module, _, attribute = SPEC_CORE[name].partition(":")
+        return getattr(importlib.import_module(module), attribute or name)
 
 
-def sc_evaluator() -> SimpleNamespace:
-    from spec_core.evaluate import EvalPrompt, load_target, run_evaluation
-    from spec_core.export import export_draft
-    from spec_core.models import algorithm_of
-
-    def load_hf_draft(hf_dir: Path, target_dir: Path) -> Any:
-        return algorithm_of(hf_dir).load_export(hf_dir, target_dir)
-
-    def proposer(hf_dir: Path, draft: Any, target: Any) -> Any:
-        return algorithm_of(hf_dir).proposer(draft, target.config)
-
-    return SimpleNamespace(
-        EvalPrompt=EvalPrompt,
-        load_target=load_target,
-        run_evaluation=run_evaluation,
-        export_draft=export_draft,
-        load_hf_draft=load_hf_draft,
-        proposer=proposer,
-    )
-
-
-def sc_bundle_sources() -> SimpleNamespace:
-    """Development machine only (needs datasets, the SmolLM2 and chitchat packages)."""
-    from spec_core.assets import resolve_target_path
-    from spec_core.config import load_config
-    from spec_core.data.render import ConversationRenderer
-    from spec_core.data.tokenize import load_tokenized, prepare_dataset
-    from spec_core.evaluate import load_prompts
-    from spec_core.paths import cache_dir
-
-    return SimpleNamespace(
-        resolve_target_path=resolve_target_path,
-        load_config=load_config,
-        Renderer=ConversationRenderer,
-        load_tokenized=load_tokenized,
-        prepare_dataset=prepare_dataset,
-        load_prompts=load_prompts,
-        cache_dir=cache_dir,
-    )
+sc = SpecCore()
 
 
 # =============================================================================================
@@ -266,37 +218,11 @@ def need_bundle(ctx: Context) -> None:
 
 
 def tiny_target(ctx: Context, hidden: int = 256, layers: int = 4) -> Path:
-    """A random Llama with SmolLM2's real tokenizer and vocab, built once per work dir."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """spec_core's tiny random target with the bundle's real tokenizer, built once per work dir."""
     out = ctx.work / f"tiny-target-h{hidden}-l{layers}"
     if (out / "config.json").is_file():
         return out
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=TARGET_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=2048,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(config).save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        shutil.copy(ctx.tokenizer / name, tmp / name)
-    tmp.rename(out)
-    return out
+    return sc.build_tiny_target(out, ctx.tokenizer, num_layers=layers, hidden=hidden)
 
 
 class JsonlSplit:
@@ -362,7 +288,6 @@ def train(
     **job_fields: Any,
 ) -> TrainRun:
     """A real torchrun run of spec_core's worker on the in-process source (HF target on the GPU)."""
-    sc = sc_train_job()
     run_dir = ctx.work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = sc.load_config(None, TRAIN_BASE + [f"training.nproc_per_node={world}", *overrides])
@@ -408,7 +333,6 @@ def train(
 
 def train_worker(job_path: str, share_gpu: bool) -> int:
     """Entry point under torchrun: spec_core's worker, reading the bundle's JSONL split."""
-    sc = sc_train_worker()
     split_cls = sc.TokenizedSplit
     original = split_cls.load.__func__
 
@@ -423,7 +347,7 @@ def train_worker(job_path: str, share_gpu: bool) -> int:
     parent_death_kills_me()
     if share_gpu:  # every rank on device 0: does NCCL allow two ranks on one GPU?
         os.environ["LOCAL_RANK"] = "0"
-    return sc.main(["--job", job_path])
+    return sc.worker_main(["--job", job_path])
 
 
 def parent_death_kills_me() -> None:
@@ -469,14 +393,18 @@ def check_bundle(ctx: Context) -> dict[str, Any]:
         "supervised_tokens": sum(sum(r["loss_mask"]) for r in rows),
         "max_len": max(lengths, default=0),
     }
-    expect(len(tok) == TARGET_VOCAB, f"tokenizer has {len(tok)} tokens", figures)
+    expect(len(tok) == sc.TINY_TARGET_VOCAB, f"tokenizer has {len(tok)} tokens", figures)
     expect("hi" in rendered, "chat template did not render the message", figures)
     expect(rows and prompts, "empty data slice", figures)
     for r in rows:
         expect(
             len(r["input_ids"]) == len(r["loss_mask"]), f"{r['sample_id']}: mask length", figures
         )
-        expect(max(r["input_ids"]) < TARGET_VOCAB, f"{r['sample_id']}: token id >= vocab", figures)
+        expect(
+            max(r["input_ids"]) < sc.TINY_TARGET_VOCAB,
+            f"{r['sample_id']}: token id >= vocab",
+            figures,
+        )
     return figures
 
 
@@ -512,13 +440,12 @@ def attention_errors(fn: Callable, device: str, dtype: Any) -> dict[str, float]:
     """Forward and input-gradient relative errors of ``fn`` against the explicit fp64 reference."""
     import torch
 
-    att = sc_attention()
     tensors, q_pos, q_batch, segments, grad = packed_ttt_inputs(device, dtype)
     inputs = [t.clone().requires_grad_() for t in tensors]
     out = fn(inputs, q_pos, q_batch, segments)
     grads = torch.autograd.grad(out, inputs, grad)
     ref_inputs = [t.double().requires_grad_() for t in tensors]
-    ref = att.explicit(*ref_inputs, q_pos, segments)
+    ref = sc.ttt_attention_explicit(*ref_inputs, q_pos, segments)
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
     names = ("q", "k0", "v0", "diag_k", "diag_v")
     errors = {"forward": rel_err(out, ref)}
@@ -533,10 +460,14 @@ def attention_errors(fn: Callable, device: str, dtype: Any) -> dict[str, float]:
 def check_attention_cpu(ctx: Context) -> dict[str, Any]:
     import torch
 
-    att = sc_attention()
-    fused = attention_errors(lambda x, pos, _b, seg: att.sdpa(*x, pos, seg), "cpu", torch.float64)
+    fused = attention_errors(
+        lambda x, pos, _b, seg: sc.ttt_attention_sdpa(*x, pos, seg), "cpu", torch.float64
+    )
     tensors, q_pos, q_batch, segments, _ = packed_ttt_inputs("cpu", torch.float32)
-    flex_fwd = rel_err(att.flex(*tensors, q_pos, q_batch), att.explicit(*tensors, q_pos, segments))
+    flex_fwd = rel_err(
+        sc.ttt_attention_flex(*tensors, q_pos, q_batch),
+        sc.ttt_attention_explicit(*tensors, q_pos, segments),
+    )
     figures = {"fused_fp64": fused, "flex_forward_fp32": flex_fwd}
     expect(max(fused.values()) < 1e-10, "fused path differs from the explicit reference", figures)
     expect(flex_fwd < 1e-5, "flex forward differs from the explicit reference", figures)
@@ -550,14 +481,17 @@ def check_attention_cpu(ctx: Context) -> dict[str, Any]:
 def check_attention_cuda(ctx: Context) -> dict[str, Any]:
     import torch
 
-    att = sc_attention()
     tolerance = {"float32": 1e-4, "bfloat16": 3e-2}
     figures: dict[str, Any] = {"tolerance": tolerance}
     for dtype_name, tol in tolerance.items():
         dtype = getattr(torch, dtype_name)
-        flex = attention_errors(lambda x, pos, b, _s: att.flex(*x, pos, b), "cuda", dtype)
+        flex = attention_errors(
+            lambda x, pos, b, _s: sc.ttt_attention_flex(*x, pos, b), "cuda", dtype
+        )
         # the sdpa backend on CUDA is the explicit path (the fused kernel is CPU-only)
-        fused = attention_errors(lambda x, pos, _b, seg: att.sdpa(*x, pos, seg), "cuda", dtype)
+        fused = attention_errors(
+            lambda x, pos, _b, seg: sc.ttt_attention_sdpa(*x, pos, seg), "cuda", dtype
+        )
         figures[f"flex_{dtype_name}"] = flex
         figures[f"sdpa_{dtype_name}"] = fused
         expect(max(flex.values()) < tol, f"flex {dtype_name} beyond {tol}", figures)
@@ -572,9 +506,8 @@ def model_backends_agree() -> dict[str, float]:
     """A small EAGLE-3 draft in fp32 on CUDA: loss and every gradient, sdpa vs flex backend."""
     import torch
 
-    e = sc_eagle3()
     vocab, hidden, ttt = 512, 64, 4
-    config = e.Eagle3Config(
+    config = sc.Eagle3Config(
         hidden_size=hidden,
         intermediate_size=128,
         num_attention_heads=4,
@@ -587,7 +520,7 @@ def model_backends_agree() -> dict[str, float]:
         specflow={"capture_indices": [1, 2, 3], "ttt_length": ttt},
     )
     gen = torch.Generator().manual_seed(0)
-    model = e.Draft(config)
+    model = sc.Eagle3Draft(config)
     model.init_weights(gen, std=0.2)
     model = model.cuda()
     lengths = torch.tensor([40, 23, 9])
@@ -597,8 +530,8 @@ def model_backends_agree() -> dict[str, float]:
     loss_mask = ((torch.rand(3, length, generator=gen) < 0.6).cuda() & attn).to(torch.uint8)
     aux = torch.randn(3, length, 3 * hidden, generator=gen).cuda()
     last = torch.randn(3, length, hidden, generator=gen).cuda()
-    proj = e.TargetProjection.build(torch.randn(vocab, hidden, generator=gen).cuda(), None)
-    scales = e.pooled_scales(e.supervised_counts(loss_mask, attn, ttt), ttt, 0.8).cuda()
+    proj = sc.TargetProjection.build(torch.randn(vocab, hidden, generator=gen).cuda(), None)
+    scales = sc.pooled_scales(sc.supervised_counts(loss_mask, attn, ttt), ttt, 0.8).cuda()
     results = {}
     for backend in ("sdpa", "flex"):
         model.attention_backend = backend
@@ -618,17 +551,16 @@ def check_hf_capture_cuda(ctx: Context) -> dict[str, Any]:
     import torch
 
     need_bundle(ctx)
-    hf = sc_hf_engine()
     target = tiny_target(ctx)
     capture = (1, 2, 3)
     samples = [
-        hf.Sample(r["sample_id"], r["input_ids"], r["loss_mask"])
+        sc.TokenizedSample(r["sample_id"], r["input_ids"], r["loss_mask"])
         for r in read_jsonl(ctx.data / "train.jsonl")[:8]
     ]
 
     def captures(device: str, dtype: Any) -> list[Any]:
-        spec = hf.CaptureSpec(capture, with_last_hidden=True, dtype=torch.float32)
-        engine = hf.HFEngine(target, spec, device=device, batch_size=4, model_dtype=dtype)
+        spec = sc.CaptureSpec(capture, with_last_hidden=True, dtype=torch.float32)
+        engine = sc.HFEngine(target, spec, device=device, batch_size=4, model_dtype=dtype)
         try:
             return [
                 (s.aux_hidden.float().cpu(), s.last_hidden.float().cpu())
@@ -711,23 +643,22 @@ def check_train_eagle3_cuda(ctx: Context) -> dict[str, Any]:
 def check_evaluator_cuda(ctx: Context) -> dict[str, Any]:
     import torch
 
-    ev = sc_evaluator()
     target_dir = tiny_target(ctx)
     hf_dir = ctx.work / "eagle3-hf"
     shutil.rmtree(hf_dir, ignore_errors=True)
-    ev.export_draft(ctx.work / "runs" / "eagle3" / "checkpoints", hf_dir, target_dir=target_dir)
+    sc.export_draft(ctx.work / "runs" / "eagle3" / "checkpoints", hf_dir, target_dir=target_dir)
     prompts = [
-        ev.EvalPrompt(p["id"], p["input_ids"]) for p in read_jsonl(ctx.data / "eval_prompts.jsonl")
+        sc.EvalPrompt(p["id"], p["input_ids"]) for p in read_jsonl(ctx.data / "eval_prompts.jsonl")
     ]
     torch.backends.cuda.matmul.allow_tf32 = False
-    target = ev.load_target(target_dir).cuda()
-    draft = ev.load_hf_draft(hf_dir, target_dir).cuda()
+    target = sc.load_target(target_dir).cuda()
+    draft = sc.algorithm_of(hf_dir).load_export(hf_dir, target_dir).cuda()
     # the evaluator makes its tensors with torch.tensor(...): the default device puts them on CUDA
     torch.set_default_device("cuda")
     try:
-        result = ev.run_evaluation(
+        result = sc.run_evaluation(
             target,
-            ev.proposer(hf_dir, draft, target),
+            sc.algorithm_of(hf_dir).proposer(draft, target.config),
             prompts,
             num_draft_tokens=3,
             max_new_tokens=32,
@@ -779,8 +710,9 @@ def check_dspark_train_cuda(ctx: Context) -> dict[str, Any]:
     )
 
 
-def bench_shapes() -> SimpleNamespace:
-    """benchmarks/train_step.py's own shapes (one fact in one place)."""
+def bench_shapes() -> ModuleType:
+    """benchmarks/train_step.py as a module: its own shapes and draft builder (one fact in one
+    place)."""
     spec = importlib.util.spec_from_file_location(
         "bench_train_step", ROOT / "benchmarks" / "train_step.py"
     )
@@ -810,17 +742,8 @@ def gpu_step(
     seconds of ``rounds`` after a warm-up, and peak allocated memory of one step each."""
     import torch
 
-    e = sc_eagle3()
-    torch.manual_seed(0)
     vocab, hidden = target["vocab_size"], target["hidden_size"]
-    cfg = e.derive_config(target, e.DraftConfig(ttt_length=ttt), draft_vocab)
-    model = e.Draft(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    t2d = None
-    if cfg.pruned:
-        t2d = torch.zeros(vocab, dtype=torch.bool)
-        t2d[torch.randperm(vocab)[:draft_vocab]] = True
-        model.set_vocab_map(t2d.nonzero().squeeze(1) - torch.arange(draft_vocab), t2d)
+    model, t2d = bench_shapes().random_draft(target, ttt, draft_vocab)
     model = model.to("cuda", dtype)
     model.attention_backend = "flex"
     ids = torch.randint(0, vocab, (bsz, length), device="cuda")
@@ -831,8 +754,8 @@ def gpu_step(
         torch.randn(bsz, length, hidden, device="cuda"), (hidden,)
     ).to(dtype)
     lm_head = (torch.randn(vocab, hidden, device="cuda") * 0.05).to(dtype)
-    proj = e.TargetProjection.build(lm_head, None if t2d is None else t2d.cuda())
-    scales = e.pooled_scales(e.supervised_counts(loss_mask, attn, ttt), ttt, 0.8).cuda()
+    proj = sc.TargetProjection.build(lm_head, None if t2d is None else t2d.cuda())
+    scales = sc.pooled_scales(sc.supervised_counts(loss_mask, attn, ttt), ttt, 0.8).cuda()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(impl: str) -> float:
@@ -841,7 +764,7 @@ def gpu_step(
         if impl == "ours":
             loss, _ = model(ids, attn, loss_mask, aux, last, proj, scales)
         else:
-            loss, _ = e.reference_loss(model, ids, attn, loss_mask, aux, last, lm_head, scales)
+            loss, _ = sc.reference_loss(model, ids, attn, loss_mask, aux, last, lm_head, scales)
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -1203,7 +1126,6 @@ def prepare_bundle(bundle: Path) -> Path:
         print(f"bundle up to date: {bundle}")
         return bundle
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sc = sc_bundle_sources()
     cfg = sc.load_config(
         None,
         [
@@ -1217,7 +1139,7 @@ def prepare_bundle(bundle: Path) -> Path:
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tokenizer").mkdir(parents=True)
-    for name in TOKENIZER_FILES:
+    for name in sc.TOKENIZER_FILES:
         shutil.copy(smollm2 / name, tmp / "tokenizer" / name)
     prepared = sc.prepare_dataset(
         cfg.dataset, smollm2, tmp / "scratch", sc.cache_dir(cfg), progress=False
@@ -1236,7 +1158,9 @@ def prepare_bundle(bundle: Path) -> Path:
     )
     from transformers import AutoTokenizer
 
-    renderer = sc.Renderer(AutoTokenizer.from_pretrained(str(smollm2)), cfg.dataset.chat_template)
+    renderer = sc.ConversationRenderer(
+        AutoTokenizer.from_pretrained(str(smollm2)), cfg.dataset.chat_template
+    )
     prompts = sc.load_prompts(prepared.eval_path, renderer, SLICE["eval_conversations"], 128)
     write_jsonl(
         data / "eval_prompts.jsonl",

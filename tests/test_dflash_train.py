@@ -5,21 +5,19 @@ Tiny random 4-layer target with SmolLM2's tokenizer; a few steps each.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch_job, make_train_eval
 from safetensors.torch import load_file
 from test_train_runs import model_weights
-from test_train_units import make_split
 
-from spec_core.config import load_config
 from spec_core.export import export_draft
 from spec_core.models import get_algorithm
 from spec_core.models.block.config import BlockDraftConfig
-from spec_core.training.job import TrainJob
-from spec_core.training.launcher import launch_training
 from spec_core.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -42,23 +40,10 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("block-data")
-    make_split(root / "train", 16, seed=0)
-    make_split(root / "eval", 2, seed=1)
-    return root
+    return make_train_eval(tmp_path_factory.mktemp("block-data"), 16, 2)
 
 
-def run(tmp: Path, name: str, target: Path, data: Path, world: int, overrides: list[str], **fields):
-    cfg = load_config(None, BASE + [f"training.nproc_per_node={world}"] + overrides)
-    job = TrainJob.create(
-        cfg,
-        run_dir=str(tmp / name),
-        target_dir=str(target),
-        train_data=str(data / "train"),
-        eval_data=str(data / "eval"),
-        **fields,
-    )
-    return launch_training(job, world, echo=False, timeout_s=300)
+run = functools.partial(launch_job, BASE, timeout_s=300)
 
 
 def test_dflash_trains_checkpoints_and_exports(tmp_path: Path, tiny_target_dir: Path, data: Path):

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import random
+import functools
 
 import pytest
 import torch
+from helpers import random_samples
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import TokenizedSample
 from spec_core.engines.hf import HFEngine
 from spec_core.errors import ConfigError, DataError
 
-
-def _samples(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[TokenizedSample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        length = rng.randint(lo, hi)
-        ids = [rng.randrange(3, 49152) for _ in range(length)]
-        mask = [rng.randint(0, 1) for _ in range(length)]
-        out.append(TokenizedSample(sample_id=f"s{i}", input_ids=ids, loss_mask=mask))
-    return out
+_samples = functools.partial(random_samples, lo=3, hi=40)
 
 
 @pytest.fixture(scope="module")

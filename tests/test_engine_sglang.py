@@ -13,17 +13,22 @@ the real engine runs; only the model execution is ours.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import importlib.util
-import random
 from typing import Any
 
 import pytest
 import torch
+from helpers import (
+    assert_columns_nearest_own_index,
+    assert_engine_refused_without,
+    capture_neighbours,
+    random_samples,
+)
 from torch import nn
 
 from spec_core.contracts.capture import CaptureSpec
-from spec_core.contracts.samples import TokenizedSample
 from spec_core.engines import sglang as sglang_engine
 from spec_core.engines.hf import HFEngine
 from spec_core.engines.sglang import SGLangEngine, forward_hook_specs, server_args
@@ -165,14 +170,7 @@ class FakeSGLangRuntime:
 FAKE_RUNTIME = (FakeSGLangRuntime, FAKE_SERVER_ARGS)
 
 
-def _samples(n: int, seed: int = 0, lo: int = 2, hi: int = 30) -> list[TokenizedSample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        length = rng.randint(lo, hi)
-        ids = [rng.randrange(3, 49152) for _ in range(length)]
-        out.append(TokenizedSample(f"s{i}", ids, [rng.randint(0, 1) for _ in range(length)]))
-    return out
+_samples = functools.partial(random_samples, lo=2, hi=30)
 
 
 @pytest.fixture(autouse=True)
@@ -303,11 +301,7 @@ def test_server_args_protect_our_settings_and_check_the_version(tiny_target_dir,
 
 
 def test_missing_sglang_is_one_clear_error(tiny_target_dir, tmp_path):
-    if importlib.util.find_spec("sglang") is not None:
-        pytest.skip("sglang is installed here")
-    with pytest.raises(ConfigError, match="SGLang is not installed"):
-        SGLangEngine(tiny_target_dir, CaptureSpec((1,), False), handoff_root=str(tmp_path))
-    assert list(tmp_path.iterdir()) == []
+    assert_engine_refused_without("sglang", SGLangEngine, "SGLang", tiny_target_dir, tmp_path)
 
 
 @pytest.mark.gpu
@@ -318,9 +312,8 @@ def test_real_sglang_matches_hf_on_gpu(smollm2_dir, tmp_path):
         pytest.skip("needs CUDA")
     pytest.importorskip("sglang", reason="install sglang>=0.5.9 (deployments/gpu_engines.md)")
     capture, hidden = (2, 15, 27), 576
-    neighbours = sorted({kk for k in capture for kk in (k - 1, k, k + 1)})
     samples = _samples(8, seed=5, lo=16, hi=200)
-    with HFEngine(smollm2_dir, CaptureSpec(tuple(neighbours), True), device="cuda") as hf:
+    with HFEngine(smollm2_dir, CaptureSpec(capture_neighbours(capture), True), device="cuda") as hf:
         reference = hf.capture(samples)
     with SGLangEngine(
         smollm2_dir,
@@ -331,17 +324,4 @@ def test_real_sglang_matches_hf_on_gpu(smollm2_dir, tmp_path):
     ) as eng:
         got = eng.capture(samples)
 
-    def rel(a, b):
-        return float((a.float() - b.float()).norm() / b.float().norm())
-
-    for g, r in zip(got, reference, strict=True):
-        assert torch.equal(g.input_ids, r.input_ids)
-        for j, k in enumerate(capture):
-            col = g.aux_hidden[:, j * hidden : (j + 1) * hidden]
-            errors = {
-                kk: rel(col, r.aux_hidden[:, i * hidden : (i + 1) * hidden])
-                for i, kk in enumerate(neighbours)
-                if abs(kk - k) <= 1
-            }
-            assert min(errors, key=errors.get) == k and errors[k] < 3e-2, errors
-        assert rel(g.last_hidden, r.last_hidden) < 3e-2
+    assert_columns_nearest_own_index(got, reference, capture, hidden, 3e-2)

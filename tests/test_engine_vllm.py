@@ -14,7 +14,7 @@ capture read from stale slots would fail.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 import random
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from helpers import assert_engine_refused_without, random_samples
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import TokenizedSample
@@ -173,14 +174,7 @@ class FakeVLLM:
 FAKE_RUNTIME = (FakeVLLM, None)
 
 
-def _samples(n: int, seed: int = 0, lo: int = 1, hi: int = 23) -> list[TokenizedSample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        length = rng.randint(lo, hi)
-        ids = [rng.randrange(3, 49152) for _ in range(length)]
-        out.append(TokenizedSample(f"s{i}", ids, [rng.randint(0, 1) for _ in range(length)]))
-    return out
+_samples = functools.partial(random_samples, lo=1, hi=23)
 
 
 @pytest.mark.parametrize(
@@ -302,11 +296,7 @@ def test_final_norm_turns_prenorm_into_hf_last_hidden(tiny_target_dir):
 
 
 def test_missing_vllm_is_one_clear_error(tiny_target_dir, tmp_path):
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
-    with pytest.raises(ConfigError, match="vLLM is not installed"):
-        VLLMEngine(tiny_target_dir, CaptureSpec((1,), False), handoff_root=str(tmp_path))
-    assert list(tmp_path.iterdir()) == []
+    assert_engine_refused_without("vllm", VLLMEngine, "vLLM", tiny_target_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
+from helpers import assert_columns_nearest_own_index, capture_neighbours
 
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.contracts.samples import TokenizedSample
@@ -33,16 +33,11 @@ def _prompts(n: int, seed: int = 0) -> list[TokenizedSample]:
     return out
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def test_real_vllm_matches_hf_with_chunked_prefill(smollm2_dir, tmp_path):
     from spec_core.engines.vllm import VLLMEngine
 
     samples = _prompts(6)
-    neighbours = sorted({kk for k in CAPTURE for kk in (k - 1, k, k + 1)})
-    with HFEngine(smollm2_dir, CaptureSpec(tuple(neighbours), True), batch_size=3) as hf:
+    with HFEngine(smollm2_dir, CaptureSpec(capture_neighbours(CAPTURE), True), batch_size=3) as hf:
         reference = hf.capture(samples)
     engine = VLLMEngine(
         smollm2_dir,
@@ -60,17 +55,6 @@ def test_real_vllm_matches_hf_with_chunked_prefill(smollm2_dir, tmp_path):
         second = engine.capture(samples[4:])  # the engine is reused across batches
     finally:
         engine.close()
-    hidden = 576
-    for got, ref in zip(first + second, reference, strict=True):
-        assert got.sample_id == ref.sample_id and torch.equal(got.input_ids, ref.input_ids)
-        for j, k in enumerate(CAPTURE):
-            col = got.aux_hidden[:, j * hidden : (j + 1) * hidden]
-            errors = {
-                kk: _rel(col, ref.aux_hidden[:, i * hidden : (i + 1) * hidden])
-                for i, kk in enumerate(neighbours)
-                if abs(kk - k) <= 1
-            }
-            assert min(errors, key=errors.get) == k, errors  # no off-by-one
-            assert errors[k] < 1e-4, errors
-        assert _rel(got.last_hidden, ref.last_hidden) < 1e-4  # post-norm, like HF
+    # post-norm last hidden, like HF
+    assert_columns_nearest_own_index(first + second, reference, CAPTURE, 576, 1e-4)
     assert list(tmp_path.iterdir()) == []

@@ -17,14 +17,13 @@ bonus token and cache cropping at the end of the chain.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOKENIZER_FILES
 
+from spec_core.assets import TINY_TARGET_VOCAB, build_tiny_target
 from spec_core.config import load_config
 from spec_core.data.conversation import Conversation, Message
 from spec_core.evaluate import (
@@ -47,8 +46,10 @@ from spec_core.models.common.target import read_tensors
 from spec_core.models.eagle3.config import derive_eagle3_config
 from spec_core.models.eagle3.model import Eagle3Draft
 
-V, H = 49152, 64
+V, H = TINY_TARGET_VOCAB, 64
 EMB = "model.embed_tokens.weight"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # decoding is many tiny ops
 
 
 def export_model(model: Eagle3Draft, root: Path, step: int = 1) -> Path:
@@ -67,6 +68,29 @@ def export_model(model: Eagle3Draft, root: Path, step: int = 1) -> Path:
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
     (root / "checkpoints" / "latest").write_text(ckpt.name)
     return export_draft(root / "checkpoints", root / "hf").out_dir
+
+
+def decode_with_export(
+    model: Eagle3Draft,
+    root: Path,
+    target,
+    target_dir: Path,
+    prompts: list[EvalPrompt],
+    max_new_tokens: int,
+    stop_ids: set[int] = frozenset(),
+) -> dict:
+    """Speculative decoding of ``prompts`` (3 draft tokens) with ``model`` loaded back from its
+    export under ``root``."""
+    hf_dir = export_model(model, root)
+    proposer = load_proposer(hf_dir, target, target_dir)
+    return run_evaluation(
+        target,
+        proposer,
+        prompts,
+        num_draft_tokens=3,
+        max_new_tokens=max_new_tokens,
+        stop_ids=set(stop_ids),
+    )
 
 
 def cycle(seed: int = 0) -> torch.Tensor:
@@ -90,26 +114,10 @@ def successor_head(emb: torch.Tensor, succ: torch.Tensor) -> torch.Tensor:
 
 
 def make_bigram_target(out: Path, tokenizer_dir: Path, perm: torch.Tensor) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=2 * H,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=H // 4,
-        max_position_embeddings=2048,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    build_tiny_target(out, tokenizer_dir, hidden=H, tie=False)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     emb = unit_rows(1)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(emb)
@@ -119,9 +127,6 @@ def make_bigram_target(out: Path, tokenizer_dir: Path, perm: torch.Tensor) -> Pa
         model.model.norm.weight.fill_(1.0)
         model.lm_head.weight.copy_(successor_head(emb, perm))
     model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, out / name)
     return out
 
 
@@ -155,15 +160,6 @@ def random_prompts(n: int, length: int = 12, seed: int = 3) -> list[EvalPrompt]:
         EvalPrompt(f"p{i}", torch.randint(3, V, (length,), generator=gen).tolist())
         for i in range(n)
     ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding is many tiny ops: on a shared 2-core box, 2 threads are ~10x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -260,11 +256,10 @@ def test_acceptance_stats_by_hand():
 
 
 def test_random_draft_on_random_target_is_lossless(tiny_target_dir, tmp_path):
-    hf_dir = export_model(draft_for(tiny_target_dir), tmp_path)
     target = load_target(tiny_target_dir)
-    proposer = load_proposer(hf_dir, target, tiny_target_dir)
-    result = run_evaluation(
-        target, proposer, random_prompts(3), num_draft_tokens=3, max_new_tokens=20, stop_ids={2}
+    draft = draft_for(tiny_target_dir)
+    result = decode_with_export(
+        draft, tmp_path, target, tiny_target_dir, random_prompts(3), 20, {2}
     )
     assert result["lossless"] and result["mismatched_prompts"] == []
     assert result["tau"] >= 1.0 and result["num_steps"] > 0
@@ -286,16 +281,9 @@ def test_random_draft_on_random_target_is_lossless(tiny_target_dir, tmp_path):
 def test_acceptance_on_a_bigram_target(bigram_targets, tmp_path, target_name, head, tau, alpha):
     target_dir, perm = bigram_targets[target_name]
     succ = perm[perm] if head == "pi^2" else perm
-    hf_dir = export_model(lens_draft(target_dir, succ), tmp_path)
     target = load_target(target_dir)
-    result = run_evaluation(
-        target,
-        load_proposer(hf_dir, target, target_dir),
-        random_prompts(3),
-        num_draft_tokens=3,
-        max_new_tokens=24,
-        stop_ids=set(),
-    )
+    draft = lens_draft(target_dir, succ)
+    result = decode_with_export(draft, tmp_path, target, target_dir, random_prompts(3), 24)
     assert result["lossless"]
     assert result["tau"] == pytest.approx(tau)
     assert result["alpha"] == pytest.approx(alpha)
@@ -316,14 +304,8 @@ def test_trained_draft_beats_a_random_draft(bigram_targets, tmp_path):
         ("random", draft_for(target_dir)),
         ("trained", lens_draft(target_dir, perm[perm])),
     ]:
-        hf_dir = export_model(model, tmp_path / name)
-        result = run_evaluation(
-            target,
-            load_proposer(hf_dir, target, target_dir),
-            random_prompts(2),
-            num_draft_tokens=3,
-            max_new_tokens=16,
-            stop_ids=set(),
+        result = decode_with_export(
+            model, tmp_path / name, target, target_dir, random_prompts(2), 16
         )
         assert result["lossless"]
         taus[name] = result["tau"]
@@ -421,14 +403,7 @@ def test_lossless_on_real_smollm2(smollm2_dir, tmp_path, renderer, chitchat_path
     for conv in convs:
         ids, _ = eval_prompt_ids(conv, renderer, 256)
         prompts.append(EvalPrompt(conv.id, ids))
-    hf_dir = export_model(draft_for(smollm2_dir, capture=(2, 15, 27)), tmp_path)
     target = load_target(smollm2_dir)
-    result = run_evaluation(
-        target,
-        load_proposer(hf_dir, target, smollm2_dir),
-        prompts,
-        num_draft_tokens=3,
-        max_new_tokens=16,
-        stop_ids={2},
-    )
+    draft = draft_for(smollm2_dir, capture=(2, 15, 27))
+    result = decode_with_export(draft, tmp_path, target, smollm2_dir, prompts, 16, {2})
     assert result["lossless"] and result["num_prompts"] == 2 and result["tau"] >= 1.0

@@ -115,9 +115,9 @@ def test_target_head_tied_reads_embedding(tiny_target_dir: Path):
 
 
 def test_target_head_untied_and_sharded(tmp_path: Path, smollm2_dir: Path):
-    from conftest import make_tiny_target
+    from spec_core.assets import build_tiny_target
 
-    untied = make_tiny_target(tmp_path / "untied", smollm2_dir, tie=False, hidden=32)
+    untied = build_tiny_target(tmp_path / "untied", smollm2_dir, tie=False, hidden=32)
     state = load_file(str(untied / "model.safetensors"))
     head = load_target_head(untied, TargetConfig())
     assert torch.equal(head.lm_head, state["lm_head.weight"])

@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 from spec_core.contracts.plan import DataPlan
-from spec_core.transfer.queue import Claim, KeyQueue, start_queue_server
+from spec_core.transfer.queue import Claim, KeyQueue
 
 CLIENTS = 8
 ROUNDS = 40
 NBYTES = 100
-
-
-@pytest.fixture()
-def address():
-    store, port = start_queue_server("127.0.0.1")
-    yield f"127.0.0.1:{port}"
-    del store
 
 
 def _clients(address: str, budget: int) -> list[KeyQueue]:
@@ -39,9 +30,9 @@ def _run_all(target, queues: list[KeyQueue]) -> None:
     assert not any(t.is_alive() for t in threads), "a reservation hung"
 
 
-def test_counter_equals_the_sum_of_reservations(address):
+def test_counter_equals_the_sum_of_reservations(queue_address):
     """Everything fits: after 8 x 40 concurrent reservations the counter is exactly their sum."""
-    queues = _clients(address, budget=CLIENTS * ROUNDS * NBYTES)
+    queues = _clients(queue_address, budget=CLIENTS * ROUNDS * NBYTES)
 
     def reserve_many(i: int, q: KeyQueue) -> None:
         for r in range(ROUNDS):
@@ -51,11 +42,11 @@ def test_counter_equals_the_sum_of_reservations(address):
     assert queues[0].resident_bytes() == CLIENTS * ROUNDS * NBYTES
 
 
-def test_budget_is_never_exceeded_and_returns_to_zero(address):
+def test_budget_is_never_exceeded_and_returns_to_zero(queue_address):
     """A budget for 3 samples and 8 clients that reserve, hold and release: at no moment do more
     than 3 hold a reservation, every reservation goes through, and the counter ends at 0."""
     budget = 3 * NBYTES
-    queues = _clients(address, budget=budget)
+    queues = _clients(queue_address, budget=budget)
     lock = threading.Lock()
     holding = [0]
     peak = [0]

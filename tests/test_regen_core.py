@@ -18,6 +18,8 @@ from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer
 from spec_core.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RECORDS = [
     {
         "id": "sys-two",
@@ -97,60 +99,50 @@ def replaceable(conv: Conversation) -> list[int]:
     return [i for i, m in enumerate(conv.messages) if m.role == "assistant" and not m.tool_calls]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model's ops are too small to split; on a busy 2-core box two OpenMP threads
-    make every op wait for a time slice (measured 20-50x slower), so these tests use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
-    """The tiny Llama, untied: a tied random model just repeats its input token (whitespace
-    after a chat header), an untied one produces varied text."""
-    from conftest import make_tiny_target
-
-    return make_tiny_target(tmp_path_factory.mktemp("untied"), smollm2_dir, tie=False)
-
-
-@pytest.fixture(scope="module")
-def renderer(target_dir: Path) -> ConversationRenderer:
+def renderer(untied_target_dir: Path) -> ConversationRenderer:
     from transformers import AutoTokenizer
 
-    return ConversationRenderer(AutoTokenizer.from_pretrained(target_dir))
+    return ConversationRenderer(AutoTokenizer.from_pretrained(untied_target_dir))
+
+
+def hf_greedy_ids(
+    target_dir: Path, prompt: list[int], max_new: int, eos_id: int = 49151
+) -> list[int]:
+    """transformers' own greedy generate of the new ids (the default eos 49151 is never produced
+    here: it never stops early)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=2,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def reference_reply(target_dir: Path, renderer, messages: list[Message], max_new: int) -> str:
     """transformers' own generate on the add_generation_prompt rendering (tool calls inlined as
     the renderer does for templates that ignore them): an independent path."""
-    from transformers import AutoModelForCausalLM
-
     tok = renderer.tokenizer
     ids = tok.apply_chat_template(
         [renderer._message_dict(m) for m in messages], add_generation_prompt=True, tokenize=False
     )
     ids = tok(ids, add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    out = model.generate(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=2,
-        pad_token_id=2,
-    )[0, len(ids) :].tolist()
+    out = hf_greedy_ids(target_dir, ids, max_new, eos_id=2)
     if out and out[-1] == 2:
         out = out[:-1]
     return tok.decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def test_last_turn_replaced_everything_else_byte_identical(tmp_path, target_dir, renderer):
+def test_last_turn_replaced_everything_else_byte_identical(tmp_path, untied_target_dir, renderer):
     data = write_dataset(tmp_path / "chats.jsonl")
-    cfg = make_cfg(target_dir, data)
-    result = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+    cfg = make_cfg(untied_target_dir, data)
+    result = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     assert not result.cached and result.output_path.parent.name == result.cache_key
     source = load_conversations(data).conversations
     out = load_conversations(result.output_path)
@@ -163,7 +155,7 @@ def test_last_turn_replaced_everything_else_byte_identical(tmp_path, target_dir,
             if i == last:
                 assert b.role == "assistant" and b.content != a.content and b.content.strip()
                 # the reply to the conversation so far, by transformers' own generate
-                expected = reference_reply(target_dir, renderer, orig.messages[:i], 12)
+                expected = reference_reply(untied_target_dir, renderer, orig.messages[:i], 12)
                 assert b.content == expected
             else:
                 assert json.dumps(b.to_dict(), ensure_ascii=False) == json.dumps(
@@ -178,10 +170,10 @@ def test_last_turn_replaced_everything_else_byte_identical(tmp_path, target_dir,
     assert not (result.output_path.parent / rg.PARTIAL).exists()
 
 
-def test_all_turns_replaced_each_on_the_regenerated_history(tmp_path, target_dir, renderer):
+def test_all_turns_replaced_each_on_the_regenerated_history(tmp_path, untied_target_dir, renderer):
     data = write_dataset(tmp_path / "chats.jsonl")
-    cfg = make_cfg(target_dir, data, "dataset.regenerate.turns=all")
-    result = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+    cfg = make_cfg(untied_target_dir, data, "dataset.regenerate.turns=all")
+    result = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     source = {c.id: c for c in load_conversations(data).conversations}
     out = load_conversations(result.output_path).conversations
     assert result.manifest["counts"]["turns_regenerated"] == sum(
@@ -194,14 +186,14 @@ def test_all_turns_replaced_each_on_the_regenerated_history(tmp_path, target_dir
             assert (b.to_dict() != a.to_dict()) == (i in targets)
         # the last reply was generated after the *regenerated* earlier replies
         last = targets[-1]
-        expected = reference_reply(target_dir, renderer, new.messages[:last], 12)
+        expected = reference_reply(untied_target_dir, renderer, new.messages[:last], 12)
         assert new.messages[last].content == expected
 
 
-def test_max_turns_and_max_seq_length_cut_and_count(tmp_path, target_dir, renderer):
+def test_max_turns_and_max_seq_length_cut_and_count(tmp_path, untied_target_dir, renderer):
     data = write_dataset(tmp_path / "chats.jsonl")
-    cfg = make_cfg(target_dir, data, "dataset.regenerate.max_turns=2")
-    out = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "w1")
+    cfg = make_cfg(untied_target_dir, data, "dataset.regenerate.max_turns=2")
+    out = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "w1")
     convs = load_conversations(out.output_path).conversations
     for conv in convs:
         body = [m for m in conv.messages if m.role != "system"]
@@ -217,8 +209,8 @@ def test_max_turns_and_max_seq_length_cut_and_count(tmp_path, target_dir, render
     first = len(planner.prompt_ids(source["sys-two"].messages[:3]))
     second = len(planner.prompt_ids(source["sys-two"].messages[:5]))
     max_len = second + 12 + rg.TAIL_TOKENS - 1  # second turn misses by one token
-    cfg = make_cfg(target_dir, data, f"dataset.max_seq_length={max_len}")
-    out = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "w2")
+    cfg = make_cfg(untied_target_dir, data, f"dataset.max_seq_length={max_len}")
+    out = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "w2")
     convs = {c.id: c for c in load_conversations(out.output_path).conversations}
     sys_two = convs["sys-two"]
     assert len(sys_two.messages) == 3 and first + 12 + rg.TAIL_TOKENS <= max_len  # cut
@@ -227,40 +219,24 @@ def test_max_turns_and_max_seq_length_cut_and_count(tmp_path, target_dir, render
     assert out.manifest["counts"]["cut"] >= 1
 
     # Nothing fits: every conversation is skipped and the step fails with one clear line.
-    cfg = make_cfg(target_dir, data, "dataset.max_seq_length=20")
+    cfg = make_cfg(untied_target_dir, data, "dataset.max_seq_length=20")
     with pytest.raises(DataError, match="no conversation"):
-        rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "w3")
+        rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "w3")
 
 
-def hf_greedy_ids(target_dir: Path, prompt: list[int], max_new: int) -> list[int]:
-    """transformers' own greedy generate, never stopping early (49151 is never produced here)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    out = model.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=49151,
-        pad_token_id=2,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
-def test_generator_stops_each_row_at_its_end_of_turn(target_dir, renderer):
+def test_generator_stops_each_row_at_its_end_of_turn(untied_target_dir, renderer):
     tok = renderer.tokenizer
     prompts = [
         tok("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
         tok("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")["input_ids"],
         tok("a b c d e f")["input_ids"],
     ]
-    raw = [hf_greedy_ids(target_dir, p, 12) for p in prompts]
+    raw = [hf_greedy_ids(untied_target_dir, p, 12) for p in prompts]
     assert 49151 not in sum(raw, [])
     # Stop where row 0 emits its 4th token: row 0 stops there, each other row wherever that
     # token first appears in its own continuation (or runs to max_new_tokens).
     stop_id = raw[0][3]
-    gen = HFGenerator(target_dir, tok, [stop_id], batch_size=3)
+    gen = HFGenerator(untied_target_dir, tok, [stop_id], batch_size=3)
     outs = gen.generate(prompts, SamplingParams(max_new_tokens=12), 0)
 
     def decode(ids: list[int]) -> str:
@@ -277,37 +253,37 @@ def test_generator_stops_each_row_at_its_end_of_turn(target_dir, renderer):
     assert outs[0].finish_reason == STOP and outs[0].num_tokens <= 4
 
 
-def test_batched_left_padded_generation_equals_one_by_one(target_dir, renderer):
+def test_batched_left_padded_generation_equals_one_by_one(untied_target_dir, renderer):
     tok = renderer.tokenizer
     texts = ["hi", "a much longer prompt with many more tokens in it than the others", "ok then"]
     prompts = [tok(t)["input_ids"] for t in texts]
     params = SamplingParams(max_new_tokens=10)
-    gen = HFGenerator(target_dir, tok, [2], batch_size=3)
+    gen = HFGenerator(untied_target_dir, tok, [2], batch_size=3)
     batched = gen.generate(prompts, params, 0)
     single = [gen.generate([p], params, 0)[0] for p in prompts]
     assert [c.text for c in batched] == [c.text for c in single]
 
 
-def test_sampling_is_seeded(tmp_path, target_dir):
+def test_sampling_is_seeded(tmp_path, untied_target_dir):
     data = write_dataset(tmp_path / "chats.jsonl", RECORDS[:2])
     sampled = ("dataset.regenerate.temperature=1.0", "dataset.regenerate.top_p=0.9")
 
     def run(work: str, seed: int) -> bytes:
-        cfg = make_cfg(target_dir, data, *sampled, f"dataset.regenerate.seed={seed}")
+        cfg = make_cfg(untied_target_dir, data, *sampled, f"dataset.regenerate.seed={seed}")
         return rg.regenerate_dataset(
-            cfg, data, target_dir, tmp_path / work
+            cfg, data, untied_target_dir, tmp_path / work
         ).output_path.read_bytes()
 
     assert run("a", 1) == run("b", 1)
     assert run("c", 2) != run("a", 1)
 
 
-def test_reasoning_is_split_from_the_answer_and_renders_back(target_dir):
+def test_reasoning_is_split_from_the_answer_and_renders_back(untied_target_dir):
     from transformers import AutoTokenizer
 
-    cfg = make_cfg(target_dir, Path("unused"), "dataset.regenerate.turns=all")
+    cfg = make_cfg(untied_target_dir, Path("unused"), "dataset.regenerate.turns=all")
     thinking = rg._Planner(
-        ConversationRenderer(AutoTokenizer.from_pretrained(target_dir), "qwen3-thinking"),
+        ConversationRenderer(AutoTokenizer.from_pretrained(untied_target_dir), "qwen3-thinking"),
         cfg.dataset.regenerate,
         512,
     )
@@ -326,22 +302,22 @@ def test_reasoning_is_split_from_the_answer_and_renders_back(target_dir):
     ).split("x<|im_end|>")[0]
     assert thinking.renderer.render(conv) == prompt_text + generated + "<|im_end|>\n"
     chatml = rg._Planner(
-        ConversationRenderer(AutoTokenizer.from_pretrained(target_dir)),
+        ConversationRenderer(AutoTokenizer.from_pretrained(untied_target_dir)),
         cfg.dataset.regenerate,
         512,
     )
     assert chatml.split(generated) == (None, generated)  # no thinking template: kept verbatim
 
 
-def test_cache_key_changes_with_each_component(tmp_path, target_dir, monkeypatch):
-    from conftest import make_tiny_target
+def test_cache_key_changes_with_each_component(tmp_path, untied_target_dir, monkeypatch):
+    from spec_core.assets import build_tiny_target
 
     data = write_dataset(tmp_path / "chats.jsonl")
-    base = make_cfg(target_dir, data)
-    key = rg.regen_cache_key(base, data, target_dir)
-    assert key == rg.regen_cache_key(make_cfg(target_dir, data), data, target_dir)
+    base = make_cfg(untied_target_dir, data)
+    key = rg.regen_cache_key(base, data, untied_target_dir)
+    assert key == rg.regen_cache_key(make_cfg(untied_target_dir, data), data, untied_target_dir)
 
-    def key_with(*overrides: str, data_path: Path = data, target: Path = target_dir) -> str:
+    def key_with(*overrides: str, data_path: Path = data, target: Path = untied_target_dir) -> str:
         return rg.regen_cache_key(make_cfg(target, data_path, *overrides), data_path, target)
 
     # settings that do not change the output: hit
@@ -376,10 +352,10 @@ def test_cache_key_changes_with_each_component(tmp_path, target_dir, monkeypatch
     other_data = write_dataset(tmp_path / "other.jsonl", RECORDS[:-1])
     assert key_with(data_path=other_data) != key
     # target weights, and target tokenizer files
-    retrained = make_tiny_target(tmp_path / "retrained", target_dir, seed=1)
+    retrained = build_tiny_target(tmp_path / "retrained", untied_target_dir, seed=1)
     assert key_with(target=retrained) != key
     edited = tmp_path / "edited"
-    shutil.copytree(target_dir, edited)
+    shutil.copytree(untied_target_dir, edited)
     assert key_with(target=edited) == key
     chat_template = edited / "chat_template.jinja"
     chat_template.write_text(chat_template.read_text() + " ")
@@ -389,10 +365,12 @@ def test_cache_key_changes_with_each_component(tmp_path, target_dir, monkeypatch
     assert key_with() != key
 
 
-def test_second_call_is_a_cache_hit_that_generates_nothing(tmp_path, target_dir, monkeypatch):
+def test_second_call_is_a_cache_hit_that_generates_nothing(
+    tmp_path, untied_target_dir, monkeypatch
+):
     data = write_dataset(tmp_path / "chats.jsonl")
-    cfg = make_cfg(target_dir, data)
-    first = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+    cfg = make_cfg(untied_target_dir, data)
+    first = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     content = first.output_path.read_bytes()
 
     def boom(*args, **kwargs):
@@ -401,7 +379,7 @@ def test_second_call_is_a_cache_hit_that_generates_nothing(tmp_path, target_dir,
     monkeypatch.setattr(rg, "_make_generator", boom)
     seen = []
     again = rg.regenerate_dataset(
-        cfg, data, target_dir, tmp_path / "work", progress=lambda d, t: seen.append((d, t))
+        cfg, data, untied_target_dir, tmp_path / "work", progress=lambda d, t: seen.append((d, t))
     )
     assert again.cached and again.cache_key == first.cache_key
     assert again.output_path.read_bytes() == content
@@ -409,13 +387,13 @@ def test_second_call_is_a_cache_hit_that_generates_nothing(tmp_path, target_dir,
     assert rg.RegenResult.from_dict(again.to_dict()) == again
     # what tokenization reads next: the regenerated file, in OpenAI messages format
     ds = again.dataset_config(
-        make_cfg(target_dir, data, "dataset.messages_key=conversations").dataset
+        make_cfg(untied_target_dir, data, "dataset.messages_key=conversations").dataset
     )
     assert (ds.path, ds.messages_key) == (str(again.output_path), "messages")
     assert len(load_conversations(Path(ds.path), ds.messages_key).conversations) == len(RECORDS)
 
 
-def test_bad_settings_fail_with_one_line(tmp_path, target_dir):
+def test_bad_settings_fail_with_one_line(tmp_path, untied_target_dir):
     data = write_dataset(tmp_path / "chats.jsonl")
     for overrides, match in (
         (("dataset.regenerate.max_turns=1",), "max_turns"),
@@ -424,20 +402,20 @@ def test_bad_settings_fail_with_one_line(tmp_path, target_dir):
         (("dataset.regenerate.batch_size=0",), "batch_size"),
         (("dataset.regenerate.num_threads=-1",), "num_threads"),
     ):
-        cfg = make_cfg(target_dir, data, *overrides)
+        cfg = make_cfg(untied_target_dir, data, *overrides)
         with pytest.raises(ConfigError, match=match):
-            rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+            rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
 
 
-def test_num_threads_applies_while_generating_only(tmp_path, target_dir):
+def test_num_threads_applies_while_generating_only(tmp_path, untied_target_dir):
     data = write_dataset(tmp_path / "chats.jsonl", RECORDS[:2])
-    cfg = make_cfg(target_dir, data, "dataset.regenerate.num_threads=2")
+    cfg = make_cfg(untied_target_dir, data, "dataset.regenerate.num_threads=2")
     seen = []
     before = torch.get_num_threads()
     rg.regenerate_dataset(
         cfg,
         data,
-        target_dir,
+        untied_target_dir,
         tmp_path / "work",
         progress=lambda d, t: seen.append(torch.get_num_threads()),
     )
@@ -445,14 +423,14 @@ def test_num_threads_applies_while_generating_only(tmp_path, target_dir):
     assert torch.get_num_threads() == before
 
 
-def test_turns_last_cuts_back_to_the_last_turn_that_fits(target_dir, renderer):
+def test_turns_last_cuts_back_to_the_last_turn_that_fits(untied_target_dir, renderer):
     exchanges = [
         m
         for k in range(8)
         for m in (Message("user", f"question {k} " + "word " * 10), Message("assistant", f"a{k}"))
     ]
     conv = Conversation("long", exchanges)
-    cfg = make_cfg(target_dir, Path("unused"))
+    cfg = make_cfg(untied_target_dir, Path("unused"))
     probe = rg._Planner(renderer, cfg.dataset.regenerate, 512)
     lengths = [len(probe.prompt_ids(exchanges[: 2 * k + 2])) for k in range(8)]
     # room for the prompts of the first three replies only
@@ -468,12 +446,12 @@ def test_turns_last_cuts_back_to_the_last_turn_that_fits(target_dir, renderer):
 
 
 @pytest.mark.gpu
-def test_generator_on_cuda_matches_transformers_generate(target_dir, renderer):
+def test_generator_on_cuda_matches_transformers_generate(untied_target_dir, renderer):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     tok = renderer.tokenizer
     prompts = [tok(t)["input_ids"] for t in ("hi", "a longer prompt than the first one", "ok")]
-    gen = HFGenerator(target_dir, tok, [2], batch_size=3, device="cuda")
+    gen = HFGenerator(untied_target_dir, tok, [2], batch_size=3, device="cuda")
     outs = gen.generate(prompts, SamplingParams(max_new_tokens=10), 0)
     for prompt, out in zip(prompts, outs, strict=True):
         with torch.inference_mode():

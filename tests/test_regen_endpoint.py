@@ -8,13 +8,14 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 from openai_server import ServerBehaviour, start_openai_server
 from test_regen_core import RECORDS, make_cfg, write_dataset
 
 from spec_core.data import regenerate as rg
 from spec_core.data.load import load_conversations
 from spec_core.errors import ServiceError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MANY = [
     {
@@ -30,26 +31,9 @@ MANY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model's ops are too small to split; on a busy 2-core box two OpenMP threads
-    make every op wait for a time slice (measured 20-50x slower), so these tests use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
-    from conftest import make_tiny_target
-
-    return make_tiny_target(tmp_path_factory.mktemp("untied"), smollm2_dir, tie=False)
-
-
 @pytest.fixture()
-def server(target_dir: Path):
-    handle = start_openai_server(target_dir, name="tiny")
+def server(untied_target_dir: Path):
+    handle = start_openai_server(untied_target_dir, name="tiny")
     yield handle
     handle.stop()
 
@@ -65,16 +49,16 @@ def endpoint_cfg(target_dir: Path, data: Path, url: str, *overrides: str):
     )
 
 
-def test_endpoint_dataset_equals_embedded_engine(tmp_path, target_dir, server):
+def test_endpoint_dataset_equals_embedded_engine(tmp_path, untied_target_dir, server):
     data = write_dataset(tmp_path / "chats.jsonl")
     hf = rg.regenerate_dataset(
-        make_cfg(target_dir, data, "dataset.regenerate.turns=all"),
+        make_cfg(untied_target_dir, data, "dataset.regenerate.turns=all"),
         data,
-        target_dir,
+        untied_target_dir,
         tmp_path / "hf",
     )
-    cfg = endpoint_cfg(target_dir, data, server.url, "dataset.regenerate.turns=all")
-    api = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "api")
+    cfg = endpoint_cfg(untied_target_dir, data, server.url, "dataset.regenerate.turns=all")
+    api = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "api")
     assert api.cache_key != hf.cache_key
     assert api.output_path.read_bytes() == hf.output_path.read_bytes()
     m = api.manifest
@@ -89,48 +73,56 @@ def test_endpoint_dataset_equals_embedded_engine(tmp_path, target_dir, server):
     assert load_conversations(api.output_path).report.num_skipped == 0
 
 
-def test_transient_server_errors_are_retried(tmp_path, target_dir, target_server_flaky):
+def test_transient_server_errors_are_retried(tmp_path, untied_target_dir, target_server_flaky):
     data = write_dataset(tmp_path / "chats.jsonl")
     cfg = endpoint_cfg(
-        target_dir,
+        untied_target_dir,
         data,
         target_server_flaky.url,
         "dataset.regenerate.model_name=tiny",
         "dataset.regenerate.max_retries=3",
     )
-    result = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+    result = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     assert result.manifest["counts"]["written"] == len(RECORDS)
     assert target_server_flaky.behaviour.failed == 2
     assert target_server_flaky.behaviour.requests == len(RECORDS) + 2
 
 
 @pytest.fixture()
-def target_server_flaky(target_dir: Path):
-    handle = start_openai_server(target_dir, name="tiny", behaviour=ServerBehaviour(fail_first=2))
+def target_server_flaky(untied_target_dir: Path):
+    handle = start_openai_server(
+        untied_target_dir, name="tiny", behaviour=ServerBehaviour(fail_first=2)
+    )
     yield handle
     handle.stop()
 
 
-def test_endpoint_down_fails_naming_it(tmp_path, target_dir):
+def test_endpoint_down_fails_naming_it(tmp_path, untied_target_dir):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     data = write_dataset(tmp_path / "chats.jsonl")
     cfg = endpoint_cfg(
-        target_dir, data, url, "dataset.regenerate.max_retries=1", "dataset.regenerate.model_name=x"
+        untied_target_dir,
+        data,
+        url,
+        "dataset.regenerate.max_retries=1",
+        "dataset.regenerate.model_name=x",
     )
     with pytest.raises(ServiceError, match=f"endpoint {url}/completions failed 2 times") as info:
-        rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+        rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     assert "dataset.regenerate.endpoint" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_slow_endpoint_times_out_with_a_clear_error(tmp_path, target_dir):
-    handle = start_openai_server(target_dir, name="tiny", behaviour=ServerBehaviour(delay_s=3.0))
+def test_slow_endpoint_times_out_with_a_clear_error(tmp_path, untied_target_dir):
+    handle = start_openai_server(
+        untied_target_dir, name="tiny", behaviour=ServerBehaviour(delay_s=3.0)
+    )
     try:
         data = write_dataset(tmp_path / "chats.jsonl", RECORDS[:1])
         cfg = endpoint_cfg(
-            target_dir,
+            untied_target_dir,
             data,
             handle.url,
             "dataset.regenerate.model_name=tiny",
@@ -138,31 +130,33 @@ def test_slow_endpoint_times_out_with_a_clear_error(tmp_path, target_dir):
             "dataset.regenerate.max_retries=1",
         )
         with pytest.raises(ServiceError, match=f"endpoint {handle.url}/completions .*[Tt]ime"):
-            rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+            rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     finally:
         handle.stop()
 
 
-def test_wrong_model_name_is_rejected_without_retries(tmp_path, target_dir, server):
+def test_wrong_model_name_is_rejected_without_retries(tmp_path, untied_target_dir, server):
     data = write_dataset(tmp_path / "chats.jsonl")
-    cfg = endpoint_cfg(target_dir, data, server.url, "dataset.regenerate.model_name=nope")
+    cfg = endpoint_cfg(untied_target_dir, data, server.url, "dataset.regenerate.model_name=nope")
     with pytest.raises(ServiceError, match="HTTP 404 model 'nope' not found"):
-        rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "work")
+        rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "work")
     assert server.behaviour.requests <= 3  # one per worker at most, no retries
 
 
-def test_server_failing_mid_run_keeps_partial_output_and_resumes(tmp_path, target_dir):
+def test_server_failing_mid_run_keeps_partial_output_and_resumes(tmp_path, untied_target_dir):
     data = write_dataset(tmp_path / "many.jsonl", MANY)
     reference = rg.regenerate_dataset(
-        make_cfg(target_dir, data, "dataset.regenerate.turns=all"),
+        make_cfg(untied_target_dir, data, "dataset.regenerate.turns=all"),
         data,
-        target_dir,
+        untied_target_dir,
         tmp_path / "hf",
     )
-    handle = start_openai_server(target_dir, name="tiny", behaviour=ServerBehaviour(fail_after=9))
+    handle = start_openai_server(
+        untied_target_dir, name="tiny", behaviour=ServerBehaviour(fail_after=9)
+    )
     try:
         cfg = endpoint_cfg(
-            target_dir,
+            untied_target_dir,
             data,
             handle.url,
             "dataset.regenerate.turns=all",
@@ -170,14 +164,14 @@ def test_server_failing_mid_run_keeps_partial_output_and_resumes(tmp_path, targe
         )
         work = tmp_path / "api"
         with pytest.raises(ServiceError, match=handle.url):
-            rg.regenerate_dataset(cfg, data, target_dir, work)
-        key = rg.regen_cache_key(cfg, data, target_dir)
+            rg.regenerate_dataset(cfg, data, untied_target_dir, work)
+        key = rg.regen_cache_key(cfg, data, untied_target_dir)
         partial = rg._read_partial(work / "regenerated" / key / rg.PARTIAL)
         assert 0 < len(partial) < len(MANY)  # finished conversations were kept
         assert not (work / "regenerated" / key / rg.MANIFEST).exists()
         handle.behaviour.fail_after = None  # the server is back
         requests_before = handle.behaviour.requests
-        resumed = rg.regenerate_dataset(cfg, data, target_dir, work)
+        resumed = rg.regenerate_dataset(cfg, data, untied_target_dir, work)
     finally:
         handle.stop()
     assert resumed.manifest["counts"]["resumed"] == len(partial)

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_regen_core import make_cfg, write_dataset
 
 from spec_core.data import regenerate as rg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 CHATS = [
@@ -38,22 +39,6 @@ SETTINGS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """See test_regen_core: one OpenMP thread for the tiny model on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
-    from conftest import make_tiny_target
-
-    return make_tiny_target(tmp_path_factory.mktemp("untied"), smollm2_dir, tie=False)
-
-
 def cli(target_dir: Path, data: Path, output_dir: Path) -> list[str]:
     overrides = [
         f"target.path={target_dir}",
@@ -72,16 +57,16 @@ def lines(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_dataset(tmp_path, target_dir):
+def test_killed_run_resumes_to_the_same_dataset(tmp_path, untied_target_dir):
     data = write_dataset(tmp_path / "chats.jsonl", CHATS)
-    cfg = make_cfg(target_dir, data, *SETTINGS)
-    whole = rg.regenerate_dataset(cfg, data, target_dir, tmp_path / "whole" / "work")
+    cfg = make_cfg(untied_target_dir, data, *SETTINGS)
+    whole = rg.regenerate_dataset(cfg, data, untied_target_dir, tmp_path / "whole" / "work")
 
     out_dir = tmp_path / "killed"
     entry = out_dir / "work" / "regenerated" / whole.cache_key
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        cli(target_dir, data, out_dir), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        cli(untied_target_dir, data, out_dir), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 240
@@ -100,7 +85,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path, target_dir):
         fh.write(b'{"index": 35, "id": "chat-035", "conversation": {"id": "chat-0')
 
     resumed = subprocess.run(
-        cli(target_dir, data, out_dir) + ["--json"],
+        cli(untied_target_dir, data, out_dir) + ["--json"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -8,22 +8,14 @@ import torch
 
 from spec_core.data.generators import LENGTH, STOP, HFGenerator, SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUESTIONS = [
     "What is the capital of France?",
     "hi",
     "Write one short sentence about cats.",
     "Tell me a long story about a dragon who learns to cook.",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On a busy 2-core box two OpenMP threads wait on each other's time slices at every op
-    (measured 5-20x slower here); one thread keeps this test at tens of seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

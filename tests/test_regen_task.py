@@ -6,24 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from test_regen_core import make_cfg, write_dataset
 
 from spec_core.config import config_to_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """See test_regen_core: one OpenMP thread for the tiny model on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow
-def test_regenerate_task_is_cached_and_reports_progress(tmp_path, smollm2_dir):
-    from conftest import make_tiny_target
+def test_regenerate_task_is_cached_and_reports_progress(tmp_path, untied_target_dir):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -31,7 +22,7 @@ def test_regenerate_task_is_cached_and_reports_progress(tmp_path, smollm2_dir):
 
     from tasks.regenerate import PROGRESS_KEY, regenerate_responses
 
-    target = make_tiny_target(tmp_path / "target", smollm2_dir, tie=False)
+    target = untied_target_dir
     data = write_dataset(tmp_path / "chats.jsonl")
     out = f"run.output_dir={tmp_path / 'out'}"
     config = config_to_dict(make_cfg(target, data, out))

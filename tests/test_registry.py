@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_evaluate import cycle, draft_for, export_model, lens_draft, make_bigram_target
 from test_evaluate import random_prompts as prompts_for
 
@@ -24,13 +23,7 @@ from spec_core.training.metrics_log import MetricsWriter
 
 NAME = "bigram-eagle3"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -211,9 +211,9 @@ def test_round_trip_is_bit_identical_across_processes(tmp_path, tiny_target_dir,
 @pytest.fixture(scope="module")
 def wide_target_dir(tmp_path_factory, smollm2_dir) -> Path:
     """Hidden 256: ~90 KB per sample, so a 1 MB budget holds only about a dozen samples."""
-    from conftest import make_tiny_target
+    from spec_core.assets import build_tiny_target
 
-    return make_tiny_target(tmp_path_factory.mktemp("wide-target"), smollm2_dir, hidden=256)
+    return build_tiny_target(tmp_path_factory.mktemp("wide-target"), smollm2_dir, hidden=256)
 
 
 def test_slow_trainer_stays_within_byte_budget_and_nothing_is_evicted(

@@ -3,19 +3,17 @@ pooled normalization across ranks, zero-supervision samples on 2 ranks, and laun
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from test_train_units import make_split
+from helpers import launch_job, make_split, make_train_eval
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from spec_core.config import load_config
 from spec_core.errors import SpecflowError
-from spec_core.training.job import TrainJob
-from spec_core.training.launcher import launch_training
 from spec_core.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -33,26 +31,7 @@ BASE = [
 ]
 
 
-def run_job(
-    tmp: Path,
-    name: str,
-    target: Path,
-    data: Path,
-    world: int,
-    overrides: list[str],
-    eval_data: bool = False,
-    **fields,
-):
-    cfg = load_config(None, BASE + [f"training.nproc_per_node={world}"] + overrides)
-    job = TrainJob.create(
-        cfg,
-        run_dir=str(tmp / name),
-        target_dir=str(target),
-        train_data=str(data / "train"),
-        eval_data=str(data / "eval") if eval_data else None,
-        **fields,
-    )
-    return launch_training(job, world, echo=False, timeout_s=240)
+run_job = functools.partial(launch_job, BASE, eval_data=False)
 
 
 def model_weights(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -69,10 +48,7 @@ def optimizer_state(ckpt: Path, tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    make_split(root / "train", 30, seed=0)
-    make_split(root / "eval", 4, seed=1)
-    return root
+    return make_train_eval(tmp_path_factory.mktemp("train-data"), 30, 4)
 
 
 @pytest.fixture(scope="module")

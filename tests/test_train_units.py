@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import make_split
 
 from spec_core.config import load_config
 from spec_core.contracts.capture import CaptureSpec
@@ -22,22 +22,6 @@ from spec_core.training.schedule import lr_factor
 from spec_core.training.sources import SampleSource, SampleSpec, StepData
 
 SPEC = SampleSpec(aux_dim=6, hidden_dim=2, with_last_hidden=True)
-
-
-def make_split(path: Path, n: int, seed: int = 0, zero_mask: bool = False) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    rows: dict[str, list] = {k: [] for k in ("sample_id", "input_ids", "loss_mask", "num_tokens")}
-    for i in range(n):
-        length = int(torch.randint(6, 30, (1,), generator=gen))
-        ids = torch.randint(3, 2000, (length,), generator=gen).tolist()
-        mask = [0] * length if zero_mask else [0] * (length // 2) + [1] * (length - length // 2)
-        rows["sample_id"].append(f"s{seed}-{i}")
-        rows["input_ids"].append(ids)
-        rows["loss_mask"].append(mask)
-        rows["num_tokens"].append(length)
-    rows["num_loss_tokens"] = [sum(m) for m in rows["loss_mask"]]
-    datasets.Dataset.from_dict(rows).save_to_disk(str(path))
-    return path
 
 
 def test_lr_schedules():

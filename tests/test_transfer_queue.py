@@ -15,13 +15,6 @@ from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 N = 10
 
 
-@pytest.fixture()
-def server():
-    store, port = start_queue_server("127.0.0.1")
-    yield f"127.0.0.1:{port}"
-    del store
-
-
 def _client(address: str, budget: int = 1000) -> KeyQueue:
     q = KeyQueue.connect(address, "run", budget, timeout_s=5)
     q.set_plan(DataPlan(num_samples=N, num_epochs=2, seed=3))
@@ -50,18 +43,18 @@ def _publish_all(q: KeyQueue, producer: str, claims: list[Claim]) -> None:
         assert q.publish(c, _ref(c))
 
 
-def test_plan_order_is_a_seeded_permutation_and_mismatch_fails(server):
+def test_plan_order_is_a_seeded_permutation_and_mismatch_fails(queue_address):
     plan = DataPlan(N, 2, 3)
     assert sorted(plan.order(0)) == list(range(N)) and plan.order(0) == DataPlan(N, 2, 3).order(0)
     assert plan.order(0) != plan.order(1)
-    _client(server)
-    other = KeyQueue.connect(server, "run", 1000)
+    _client(queue_address)
+    other = KeyQueue.connect(queue_address, "run", 1000)
     with pytest.raises(DataError, match="same prepared dataset"):
         other.set_plan(DataPlan(N + 1, 2, 3))
 
 
-def test_two_producers_claim_every_position_once_epoch_by_epoch(server):
-    a, b = _client(server), _client(server)
+def test_two_producers_claim_every_position_once_epoch_by_epoch(queue_address):
+    a, b = _client(queue_address), _client(queue_address)
     a.register_producer("a")
     b.register_producer("b")
     seen: list[Claim] = []
@@ -78,8 +71,8 @@ def test_two_producers_claim_every_position_once_epoch_by_epoch(server):
     assert all(c.attempt == 0 for c in seen)
 
 
-def test_budget_blocks_until_ack_and_counter_never_exceeds_it(server):
-    q = _client(server, budget=250)
+def test_budget_blocks_until_ack_and_counter_never_exceeds_it(queue_address):
+    q = _client(queue_address, budget=250)
     q.register_producer("p")
     claims = q.claim("p", 4, _ids)
     _publish_all(q, "p", claims[:2])  # 200 of 250 bytes resident
@@ -89,7 +82,7 @@ def test_budget_blocks_until_ack_and_counter_never_exceeds_it(server):
     t.start()
     time.sleep(0.3)
     assert t.is_alive() and q.resident_bytes() == 200
-    trainer = KeyQueue.connect(server, "run", 250)
+    trainer = KeyQueue.connect(queue_address, "run", 250)
     refs = [trainer.try_pop(0), trainer.try_pop(0)]
     trainer.ack(refs)  # frees 200
     t.join(5)
@@ -98,8 +91,8 @@ def test_budget_blocks_until_ack_and_counter_never_exceeds_it(server):
     assert trainer.acked() == [(r.epoch, r.sample_id) for r in refs]
 
 
-def test_reserve_admits_an_oversized_sample_only_into_an_empty_store(server):
-    q = _client(server, budget=50)
+def test_reserve_admits_an_oversized_sample_only_into_an_empty_store(queue_address):
+    q = _client(queue_address, budget=50)
     q.register_producer("p")
     (c,) = q.claim("p", 1, _ids)
     assert q.reserve(c, 500, lambda: False) < 1.0
@@ -108,8 +101,8 @@ def test_reserve_admits_an_oversized_sample_only_into_an_empty_store(server):
         q.reserve(c2, 10, lambda: True)
 
 
-def test_publish_once_per_sample_and_loser_releases_reservation(server):
-    q = _client(server)
+def test_publish_once_per_sample_and_loser_releases_reservation(queue_address):
+    q = _client(queue_address)
     q.register_producer("p")
     (c,) = q.claim("p", 1, _ids)
     later = Claim(c.epoch, c.sample_id, c.attempt + 1)
@@ -121,8 +114,8 @@ def test_publish_once_per_sample_and_loser_releases_reservation(server):
     assert q.try_pop(0).attempt == c.attempt and q.try_pop(0) is None
 
 
-def test_dead_producer_claims_are_reaped_with_their_reservations(server):
-    dead, alive = _client(server), _client(server)
+def test_dead_producer_claims_are_reaped_with_their_reservations(queue_address):
+    dead, alive = _client(queue_address), _client(queue_address)
     dead.register_producer("dead")
     alive.register_producer("alive")
     claims = dead.claim("dead", 3, _ids)
@@ -143,8 +136,8 @@ def test_dead_producer_claims_are_reaped_with_their_reservations(server):
     assert alive.counts()["reclaimed"] == 2
 
 
-def test_beating_producer_is_not_reaped(server):
-    slow, other = _client(server), _client(server)
+def test_beating_producer_is_not_reaped(queue_address):
+    slow, other = _client(queue_address), _client(queue_address)
     slow.register_producer("slow")
     other.register_producer("other")
     slow.claim("slow", 2, _ids)
@@ -157,8 +150,8 @@ def test_beating_producer_is_not_reaped(server):
         stop.set()
 
 
-def test_end_of_data_skip_drop_and_missing_requeue(server):
-    q = _client(server, budget=100_000)
+def test_end_of_data_skip_drop_and_missing_requeue(queue_address):
+    q = _client(queue_address, budget=100_000)
     q.register_producer("p")
     claims = []
     while got := q.claim("p", 7, _ids):
@@ -196,8 +189,8 @@ def test_end_of_data_skip_drop_and_missing_requeue(server):
     assert q.resident_bytes() == 0
 
 
-def test_stop_and_gate(server):
-    q = _client(server)
+def test_stop_and_gate(queue_address):
+    q = _client(queue_address)
     assert not q.gate_open() and not q.stop_requested()
     q.open_gate()
     q.request_stop("because")
@@ -222,8 +215,8 @@ def test_sample_ref_attempt_round_trip():
     assert tensor_key("run", 0, "x", "input_ids") == "run/0/x/input_ids"
 
 
-def test_refs_are_dealt_round_robin_to_trainer_ranks(server):
-    q = KeyQueue.connect(server, "run", 10_000)
+def test_refs_are_dealt_round_robin_to_trainer_ranks(queue_address):
+    q = KeyQueue.connect(queue_address, "run", 10_000)
     q.set_plan(DataPlan(num_samples=7, num_epochs=1, seed=0, num_ranks=3))
     q.register_producer("p")
     claims = q.claim("p", 7, lambda e, pos: f"s{pos}")
