@@ -658,7 +658,7 @@ def check_evaluator_cuda(ctx: Context) -> dict[str, Any]:
     try:
         result = sc.run_evaluation(
             target,
-            sc.algorithm_of(hf_dir).proposer(draft, target.config),
+            sc.algorithm_of(hf_dir).proposer(draft, target),
             prompts,
             num_draft_tokens=3,
             max_new_tokens=32,
