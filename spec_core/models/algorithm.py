@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from spec_core.config import Config, DraftConfig, EvaluationConfig
+from spec_core.errors import ConfigError
 from spec_core.models.common.config import DraftConfigBase
 from spec_core.models.common.hf import ExportError
 from spec_core.models.common.target import TargetProjection
@@ -91,7 +92,20 @@ class Proposer(ABC):
     def propose(
         self, seq: Sequence[int], hidden_states: Sequence[torch.Tensor], k: int
     ) -> list[int]:
-        """``k`` draft tokens continuing ``seq``."""
+        """Up to ``k`` draft tokens continuing ``seq``."""
+
+    @staticmethod
+    def fitted_capture(draft_config: Any, target_config: Any) -> list[int]:
+        """The draft's capture indices, checked against the target that will verify its drafts:
+        a draft trained for another target would decode lossless but uselessly."""
+        from spec_core.contracts.capture import check_capture_indices
+
+        layers = int(target_config.num_hidden_layers)
+        if draft_config.vocab_size != int(target_config.vocab_size):
+            raise ConfigError(
+                f"draft vocab {draft_config.vocab_size} != target vocab {target_config.vocab_size}"
+            )
+        return list(check_capture_indices(draft_config.capture_indices, layers))
 
 
 class DraftAlgorithm(ABC):

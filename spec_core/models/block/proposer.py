@@ -19,21 +19,13 @@ from typing import Any
 
 import torch
 
-from spec_core.contracts.capture import check_capture_indices
-from spec_core.errors import ConfigError
 from spec_core.models.algorithm import Proposer
 from spec_core.models.block.dflash import DFlashDraft
 
 
 class BlockProposer(Proposer):
     def __init__(self, draft: DFlashDraft, target: Any, min_confidence: float = 0.0) -> None:
-        config = target.config
-        layers = int(config.num_hidden_layers)
-        self.capture = list(check_capture_indices(draft.config.capture_indices, layers))
-        if draft.config.vocab_size != int(config.vocab_size):
-            raise ConfigError(
-                f"draft vocab {draft.config.vocab_size} != target vocab {config.vocab_size}"
-            )
+        self.capture = self.fitted_capture(draft.config, target.config)
         self.draft = draft
         self.lm_head = target.get_output_embeddings().weight  # shared with the drafter
         self.min_confidence = float(min_confidence)

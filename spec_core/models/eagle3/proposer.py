@@ -13,20 +13,13 @@ from typing import Any, Optional
 
 import torch
 
-from spec_core.contracts.capture import check_capture_indices
-from spec_core.errors import ConfigError
 from spec_core.models.algorithm import Proposer
 from spec_core.models.eagle3.model import Eagle3Draft, KVCache
 
 
 class Eagle3Proposer(Proposer):
     def __init__(self, draft: Eagle3Draft, target_config: Any) -> None:
-        layers = int(target_config.num_hidden_layers)
-        self.capture = list(check_capture_indices(draft.config.capture_indices, layers))
-        if draft.config.vocab_size != int(target_config.vocab_size):
-            raise ConfigError(
-                f"draft vocab {draft.config.vocab_size} != target vocab {target_config.vocab_size}"
-            )
+        self.capture = self.fitted_capture(draft.config, target_config)
         self.draft = draft
         self.reset()
 
