@@ -75,6 +75,7 @@ DOCS_REPORT = ROOT / "docs" / "gpu-check" / "latest.json"
 # The name this script uses -> "module" (same attribute name) or "module:attribute".
 SPEC_CORE = {
     "ttt_attention_explicit": "spec_core.models.eagle3.attention",
+    "row_segments": "spec_core.models.eagle3.attention",
     "ttt_attention_flex": "spec_core.models.eagle3.attention",
     "ttt_attention_sdpa": "spec_core.models.eagle3.attention",
     "Eagle3Config": "spec_core.models.eagle3.config",
@@ -425,12 +426,7 @@ def packed_ttt_inputs(device: str, dtype: Any, steps: int = 3, seed: int = 0):
         torch.randn(n, steps, hkv, d, generator=gen),
         torch.randn(n, steps, hkv, d, generator=gen),
     ]
-    counts = torch.bincount(q_batch, minlength=bsz).tolist()
-    segments, start = [], 0
-    for b, c in enumerate(counts):
-        if c:
-            segments.append((b, start, start + c))
-        start += c
+    segments = sc.row_segments(q_batch, bsz)
     tensors = [t.to(device, dtype) for t in tensors]
     grad = torch.randn(n, hq, d, generator=gen).to(device, dtype)
     return tensors, q_pos.to(device), q_batch.to(device), segments, grad

@@ -8,6 +8,7 @@ import torch
 
 from spec_core.models.common.target import TargetProjection
 from spec_core.models.eagle3.attention import (
+    row_segments,
     ttt_attention_explicit,
     ttt_attention_flex,
     ttt_attention_sdpa,
@@ -232,12 +233,7 @@ def _packed_inputs(seed: int, steps: int):
     v0 = torch.randn(bsz, length, hkv, d, generator=gen)
     dk = torch.randn(n, steps, hkv, d, generator=gen)
     dv = torch.randn(n, steps, hkv, d, generator=gen)
-    counts = torch.bincount(q_batch, minlength=bsz).tolist()
-    segments, start = [], 0
-    for b, c in enumerate(counts):
-        if c:
-            segments.append((b, start, start + c))
-        start += c
+    segments = row_segments(q_batch, bsz)
     return q, k0, v0, dk, dv, q_pos, q_batch, segments
 
 
