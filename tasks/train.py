@@ -21,7 +21,7 @@ from spec_core.config import config_from_dict
 from spec_core.contracts.plan import BatchPlan
 from spec_core.metrics import read_records, train_records, trainer_perf
 from spec_core.training.job import TrainJob
-from spec_core.training.launcher import launch_training
+from spec_core.training.launcher import launch_training, node_file
 from spec_core.utils.procs import ProcessGroup
 from tasks.processes import OWNED, LogTail
 from tasks.services import flow_run_id
@@ -76,7 +76,9 @@ async def train_draft(
             on_start=started,
         )
     )
-    tail = LogTail(Path(run_dir) / "logs" / "train.log", logger, f"[node {node_rank}] ")
+    tail = LogTail(
+        node_file(Path(run_dir), "logs/train.log", node_rank), logger, f"[node {node_rank}] "
+    )
     progress = None
     if node_rank == 0:
         progress = await acreate_progress_artifact(

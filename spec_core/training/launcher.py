@@ -97,6 +97,16 @@ def last_error_line(log_path: Path) -> str:
     return (useful or candidates or [""])[-1]
 
 
+def node_file(run_dir: Path, name: str, node_rank: int) -> Path:
+    """``name`` for node 0 (``logs/train.log``, ``train_job.json``), ``<stem>-node<i><suffix>``
+    for the others: every node of a multi-node run shares the run dir (checkpoints are written by
+    all ranks into one directory) but each keeps its own log and job file."""
+    path = Path(run_dir) / name
+    if node_rank == 0:
+        return path
+    return path.with_name(f"{path.stem}-node{node_rank}{path.suffix}")
+
+
 def _pump(stream: Any, log_fh: Any, echo: bool) -> None:
     for line in iter(stream.readline, ""):
         log_fh.write(line)
@@ -126,10 +136,11 @@ def launch_training(
     if nproc_per_node <= 0:
         raise ConfigError(f"'training.nproc_per_node' must be positive, got {nproc_per_node}")
     run_dir = Path(job.run_dir)
-    log_path = run_dir / "logs" / "train.log"
+    log_path = node_file(run_dir, "logs/train.log", node_rank)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    job_path = job.save(run_dir / "train_job.json")
-    job.result_file.unlink(missing_ok=True)
+    job_path = job.save(node_file(run_dir, "train_job.json", node_rank))
+    if node_rank == 0:  # only rank 0 writes the result
+        job.result_file.unlink(missing_ok=True)
     cmd = torchrun_command(job_path, nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     proc_env = {**os.environ, **(env or {})}
     proc_env.setdefault("PYTHONUNBUFFERED", "1")
