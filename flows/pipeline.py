@@ -102,11 +102,14 @@ async def name_this_run(run_id: str) -> None:
 
 
 def rendezvous(cfg: Config) -> Optional[str]:
-    """torchrun's rendezvous for multi-node training: configured, or a free port on this host
-    (valid when every trainer node runs here: local mode or a one-machine local stack)."""
+    """torchrun's rendezvous for multi-node training: configured; in local mode a free port on
+    this host (every node runs here); in deployments mode None, so node 0 publishes its own
+    address through the key queue wherever a worker runs it (docs/architecture.md §rendezvous)."""
     if cfg.training.nnodes == 1:
         return None
-    return cfg.training.rdzv_endpoint or f"{cfg.transfer.host}:{free_port(cfg.transfer.host)}"
+    if cfg.training.rdzv_endpoint or cfg.orchestration.mode != "local":
+        return cfg.training.rdzv_endpoint
+    return f"{cfg.transfer.host}:{free_port(cfg.transfer.host)}"
 
 
 async def start_children(

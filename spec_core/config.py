@@ -149,7 +149,9 @@ class TrainingConfig:
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
-    rdzv_endpoint: Optional[str] = None  # host:port for multi-node torchrun
+    rdzv_endpoint: Optional[str] = None  # host:port of node 0; None: node 0 publishes it
+    rdzv_advertise: Optional[str] = None  # address node 0 publishes (None: its route to the queue)
+    rdzv_timeout_s: float = 600.0  # how long nodes > 0 wait for node 0 to publish its address
     micro_batch_size: int = 2
     accumulation_steps: int = 1
     num_steps: Optional[int] = None  # None = num_epochs over the data

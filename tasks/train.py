@@ -22,6 +22,7 @@ from spec_core.contracts.plan import BatchPlan
 from spec_core.metrics import read_records, train_records, trainer_perf
 from spec_core.training.job import TrainJob
 from spec_core.training.launcher import launch_training, node_file
+from spec_core.training.rendezvous import node_endpoint
 from spec_core.utils.procs import ProcessGroup
 from tasks.processes import OWNED, LogTail
 from tasks.services import flow_run_id
@@ -56,6 +57,12 @@ async def train_draft(
         services=services,
         run_id=cfg.run.run_id or Path(run_dir).name,
     )
+    if t.nnodes > 1 and not rdzv_endpoint:
+        rdzv_endpoint = await asyncio.to_thread(
+            node_endpoint, services["queue"], services["run_id"], node_rank, t.rdzv_timeout_s,
+            t.rdzv_advertise,
+        )  # fmt: skip
+        logger.info("node %d: torchrun rendezvous at %s", node_rank, rdzv_endpoint)
     total = BatchPlan.from_config(cfg, int(data["report"]["train_samples"])).total_steps
     owner = flow_run_id()
     groups: list[ProcessGroup] = []

@@ -1,8 +1,10 @@
 """Several hosts on one machine (network namespaces joined by a bridge, spec_core/utils/netns.py).
 
 torchrun multi-node across two simulated trainer hosts (gloo over their veth interfaces) trains
-the same loss curve as one host running both ranks with the same global batch; the rendezvous and
-the collectives really cross the bridge (its port counters see the bytes)."""
+the same loss curve as one host running both ranks with the same global batch. Nobody names the
+rendezvous address: node 0 publishes it in the key queue on a third (coordinator) host and node 1,
+started first, waits for it (spec_core/training/rendezvous.py). The collectives really cross the
+bridge (its port counters see the bytes)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import functools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +37,13 @@ BASE = [
     "inference.batch_size=2",
     "training.num_steps=4",
 ]
-RDZV_PORT = 29611
+QUEUE_SERVER = """
+import sys, time
+from spec_core.transfer.queue import start_queue_server
+store, port = start_queue_server(sys.argv[1])
+print(port, flush=True)
+time.sleep(3600)
+"""
 
 # One node of a multi-node run: what `specflow train` does on each host, minus data preparation
 # (both nodes read the same prepared splits, as they would from shared storage).
@@ -43,11 +52,13 @@ import json, sys
 from spec_core.config import load_config
 from spec_core.training.job import TrainJob
 from spec_core.training.launcher import launch_training
+from spec_core.training.rendezvous import node_endpoint
 spec = json.loads(sys.argv[1])
+rdzv = node_endpoint(spec["queue"], "two-hosts", spec["node_rank"], 300, None)
 cfg = load_config(None, spec["overrides"])
 job = TrainJob.create(cfg, run_dir=spec["run_dir"], target_dir=spec["target"],
                       train_data=spec["train"], eval_data=None)
-launch_training(job, 1, nnodes=2, node_rank=spec["node_rank"], rdzv_endpoint=spec["rdzv"],
+launch_training(job, 1, nnodes=2, node_rank=spec["node_rank"], rdzv_endpoint=rdzv,
                 echo=False, timeout_s=400)
 """
 
@@ -64,17 +75,24 @@ def test_two_host_torchrun_matches_one_host(tmp_path: Path, tiny_target_dir: Pat
     one_host(tmp_path, "one-host", tiny_target_dir, data, 2, [])
 
     run_dir = tmp_path / "two-hosts"
-    with netns.SimCluster(["trainer0", "trainer1"]) as cluster:
-        node0 = cluster.hosts["trainer0"]
+    with netns.SimCluster(["coordinator", "trainer0", "trainer1"]) as cluster:
+        coordinator = cluster.hosts["coordinator"]
+        queue_server = subprocess.Popen(
+            coordinator.command([sys.executable, "-c", QUEUE_SERVER, coordinator.address]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        queue = f"{coordinator.address}:{queue_server.stdout.readline().strip()}"
         procs = []
-        for rank, host in enumerate(cluster.hosts.values()):
+        for rank in (1, 0):  # node 1 first: it waits for node 0's address
+            host = cluster.hosts[f"trainer{rank}"]
             spec = {
                 "overrides": [*BASE, "training.nproc_per_node=1", "training.nnodes=2"],
                 "run_dir": str(run_dir),
                 "target": str(tiny_target_dir),
                 "train": str(data / "train"),
                 "node_rank": rank,
-                "rdzv": f"{node0.address}:{RDZV_PORT}",
+                "queue": queue,
             }
             argv = [sys.executable, "-c", NODE_MAIN, json.dumps(spec)]
             procs.append(
@@ -86,6 +104,7 @@ def test_two_host_torchrun_matches_one_host(tmp_path: Path, tiny_target_dir: Pat
                     text=True,
                 )
             )
+            time.sleep(2 if rank == 1 else 0)
         outputs = [p.communicate(timeout=480)[0] for p in procs]
         wire = cluster.port_bytes()
     for proc, out in zip(procs, outputs, strict=True):
@@ -97,7 +116,24 @@ def test_two_host_torchrun_matches_one_host(tmp_path: Path, tiny_target_dir: Pat
     # Both hosts talked over the bridge (rendezvous store + gloo all-reduces and all-gathers).
     assert wire["trainer1"]["tx"] > 10_000 and wire["trainer1"]["rx"] > 10_000
     assert (run_dir / "logs" / "train-node1.log").is_file()
+    rdzv_host = (run_dir / "logs" / "train.log").read_text().split("--master-addr=")[1].split()[0]
+    assert rdzv_host == cluster.hosts["trainer0"].address  # node 0's own address, published
     print(f"two-host losses {got} == one-host; bridge bytes {wire}")
+
+
+def test_node_waits_for_node0_then_fails_with_one_line(tmp_path: Path):
+    from spec_core.errors import ServiceError
+    from spec_core.training.rendezvous import node_endpoint
+    from spec_core.transfer.queue import start_queue_server
+
+    store, port = start_queue_server("127.0.0.1")
+    queue = f"127.0.0.1:{port}"
+    with pytest.raises(ServiceError, match="trainer node 1 waited 1s for node 0"):
+        node_endpoint(queue, "r", 1, 1.0, None)
+    published = node_endpoint(queue, "r", 0, 1.0, None)
+    assert published.startswith("127.0.0.1:")
+    assert node_endpoint(queue, "r", 1, 5.0, None) == published
+    assert node_endpoint(queue, "other-run", 0, 1.0, "node0.cluster").startswith("node0.cluster:")
 
 
 ECHO_SERVER = """
