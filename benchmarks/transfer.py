@@ -20,6 +20,11 @@ three streamed runs. The target is on the round trip of a 32 MB sample. The roun
 the trainer's stream source uses), is printed too, and so is the ``tcp`` client mode (another
 host's path, here over loopback) for reference.
 
+Where network namespaces can be created (root), a third lane runs across simulated hosts
+(``spec_core/utils/netns.py``): the services on a coordinator host, the producer and the consumer
+on two further hosts, tcp mode over the bridge. It prints GB/s and the bytes that crossed the
+bridge per byte of payload, read from the hosts' veth counters.
+
 Run from the repo root with no arguments (inside ``unshare -n`` if you can: Mooncake clients open
 listeners on all interfaces). The last line is ``RESULT transfer_32mb_over_memcpy=... PASS|FAIL``.
 """
@@ -40,12 +45,14 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 
 from spec_core.config import TransferConfig  # noqa: E402
 from spec_core.transfer.records import TensorMeta  # noqa: E402
 from spec_core.transfer.services import ServiceAddresses, start_services  # noqa: E402
+from spec_core.utils import netns  # noqa: E402
 
 MB = 1 << 20
 SIZES_MB = (1, 32, 128)
@@ -166,14 +173,17 @@ def consumer(addresses: ServiceAddresses, cfg: TransferConfig) -> dict:
     return out
 
 
-def run_pair(svc, mode: str, tmp: Path) -> tuple[dict, dict]:
-    """A producer and a consumer process in client ``mode``; their measurements."""
-    payload = json.dumps(svc.addresses.to_dict())
+def run_pair(
+    addresses: ServiceAddresses, mode: str, tmp: Path, hosts: Optional[dict] = None
+) -> tuple[dict, dict]:
+    """A producer and a consumer process in client ``mode`` (on simulated ``hosts`` by role when
+    given); their measurements."""
+    payload = json.dumps(addresses.to_dict())
     outs = {role: tmp / f"{role}-{mode}.json" for role in ("producer", "consumer")}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, role, mode, payload, str(path)])
-        for role, path in outs.items()
-    ]
+    procs = []
+    for role, path in outs.items():
+        argv = [sys.executable, __file__, role, mode, payload, str(path)]
+        procs.append(subprocess.Popen(hosts[role].command(argv) if hosts else argv))
     codes = [p.wait(timeout=600) for p in procs]
     if any(codes):
         raise SystemExit(f"benchmark processes ({mode}) failed: exit codes {codes}")
@@ -210,6 +220,51 @@ def report(prod: dict, cons: dict, memcpy: dict[int, float]) -> dict[int, float]
     return ratios
 
 
+SERVE = """
+import json, sys
+from pathlib import Path
+from spec_core.config import TransferConfig
+from spec_core.transfer.services import start_services
+cfg = TransferConfig(**json.loads(sys.argv[1]))
+with start_services(cfg, "bench-transfer-hosts", Path(sys.argv[2])) as svc:
+    print(json.dumps(svc.addresses.to_dict()), flush=True)
+    sys.stdin.read()  # serve until the benchmark closes our stdin
+"""
+
+
+def across_hosts(cfg: TransferConfig, tmp: Path) -> Optional[tuple[dict, dict, dict]]:
+    """The tcp lane across simulated hosts: (producer, consumer, bridge bytes) or None."""
+    ok, why = netns.available()
+    if not ok:
+        print(f"across simulated hosts: skipped ({why})")
+        return None
+    with netns.SimCluster(["coordinator", "producer", "consumer"]) as cluster:
+        coord = cluster.hosts["coordinator"]
+        host_cfg = dataclasses.asdict(dataclasses.replace(cfg, host=coord.address))
+        server = subprocess.Popen(
+            coord.command([sys.executable, "-c", SERVE, json.dumps(host_cfg), str(tmp / "logs")]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=HERE.parent,
+        )
+        try:
+            addresses = ServiceAddresses.from_dict(json.loads(server.stdout.readline()))
+            before = cluster.port_bytes()
+            prod, cons = run_pair(addresses, "tcp", tmp, cluster.hosts)
+            after = cluster.port_bytes()
+        finally:
+            server.stdin.close()
+            server.wait(timeout=60)
+    wire = {h: {d: after[h][d] - before[h][d] for d in ("tx", "rx")} for h in after}
+    return prod, cons, wire
+
+
+def payload_bytes() -> int:
+    """Sample bytes one producer -> consumer pass moves (round trip, put(), streamed trials)."""
+    return sum(mb * MB * REPS[mb] * (2 + TRIALS) for mb in SIZES_MB)
+
+
 def main() -> int:
     cfg = TransferConfig(global_segment_mb=1024, byte_budget_mb=512, local_buffer_mb=160)
     if len(sys.argv) == 5:  # child: role, client mode, addresses json, output path
@@ -225,8 +280,10 @@ def main() -> int:
         tempfile.TemporaryDirectory() as tmp,
         start_services(cfg, "bench-transfer", Path(tmp) / "logs") as svc,
     ):
-        same_host = run_pair(svc, "auto", Path(tmp))
-        other_host = run_pair(svc, "tcp", Path(tmp))
+        same_host = run_pair(svc.addresses, "auto", Path(tmp))
+        other_host = run_pair(svc.addresses, "tcp", Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        hosts = across_hosts(cfg, Path(tmp))
     # memcpy again after the transfers, so a busy machine cannot favour one side
     memcpy = {mb: max(memcpy[mb], memcpy_gbps(mb * MB, max(REPS[mb], 10))) for mb in SIZES_MB}
     mode = same_host[0]["mode"]
@@ -235,6 +292,18 @@ def main() -> int:
     print("tcp mode (another host's path, here over loopback), for reference, GB/s:")
     report(*other_host, memcpy)
     mismatches = same_host[1]["mismatches"] + other_host[1]["mismatches"]
+    if hosts is not None:
+        prod, cons, wire = hosts
+        print("across simulated hosts (network namespaces, tcp over a veth bridge), GB/s:")
+        report(prod, cons, memcpy)
+        sent = payload_bytes()
+        print(
+            f"bridge bytes per payload byte: producer host sent {wire['producer']['tx'] / sent:.2f}, "
+            f"consumer host received {wire['consumer']['rx'] / sent:.2f}, coordinator host "
+            f"received {wire['coordinator']['rx'] / sent:.2f} (the store's segment lives there); "
+            f"each byte crossed the network {sum(w['tx'] for w in wire.values()) / sent:.2f} times"
+        )
+        mismatches += cons["mismatches"]
     print(f"bytes read back differing from what was put: {mismatches} samples")
     rt32 = ratios[32]
     verdict = "PASS" if rt32 >= TARGET and mismatches == 0 and mode == "shm" else "FAIL"
