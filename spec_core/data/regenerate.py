@@ -64,6 +64,7 @@ from spec_core.utils.fingerprint import (
     code_version,
     target_fingerprint,
 )
+from spec_core.utils.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -681,7 +682,7 @@ def _manifest(
         "template": renderer.template_name,
         "engine": {
             "engine": rc.engine,
-            "endpoint": rc.endpoint if rc.engine == "openai" else None,
+            "endpoint": redact_text(rc.endpoint or "") if rc.engine == "openai" else None,
             "model_name": rc.model_name,
             "batch_size": rc.batch_size if rc.engine == "hf" else 1,
             "concurrency": rc.concurrency if rc.engine == "openai" else 1,
