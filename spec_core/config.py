@@ -62,6 +62,9 @@ class DatasetConfig:
     min_turns: int = 2  # builtin:chitchat only: drop shorter chats
     num_proc: int = 2
     seed: int = 0
+    # a record (one JSON line / array element / row) larger than this is skipped and counted
+    # (record_too_large) without being held in memory; files themselves are streamed
+    max_record_bytes: int = 16 * 1024 * 1024
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
 
 
@@ -340,6 +343,7 @@ def _check_consistency(cfg: Config) -> None:
         "inference.batch_size": cfg.inference.batch_size,
         "inference.replicas": cfg.inference.replicas,
         "dataset.max_seq_length": cfg.dataset.max_seq_length,
+        "dataset.max_record_bytes": cfg.dataset.max_record_bytes,
         "transfer.byte_budget_mb": cfg.transfer.byte_budget_mb,
     }
     for key, value in positive.items():

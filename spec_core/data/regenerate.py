@@ -139,6 +139,7 @@ def key_components(cfg: Config, dataset_path: Path, target_dir: Path) -> dict[st
             "turns": rc.turns,
             "max_turns": rc.max_turns,
             "max_seq_length": ds.max_seq_length,
+            "max_record_bytes": ds.max_record_bytes,
         },
         "sampling": {**sampling_settings(rc), "max_new_tokens": rc.max_new_tokens},
         "engine": engine,
@@ -375,7 +376,9 @@ def _run(
     _check(rc)
     started = time.perf_counter()
     limit = _min_optional(ds.max_conversations, rc.max_conversations)
-    loaded = load_conversations(dataset_path, ds.messages_key, limit=limit)
+    loaded = load_conversations(
+        dataset_path, ds.messages_key, limit=limit, max_record_bytes=ds.max_record_bytes
+    )
     renderer = ConversationRenderer(AutoTokenizer.from_pretrained(target_dir), ds.chat_template)
     planner = _Planner(renderer, rc, ds.max_seq_length)
     if planner.budget <= 0:
