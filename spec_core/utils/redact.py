@@ -5,7 +5,8 @@ MLflow params, the regeneration manifest, retry warnings) passes through here, s
 masked the same way everywhere (docs/architecture.md §secrets). Two shapes are recognised:
 
 - inside text: the user-info of a URL (``https://user:pass@host`` -> ``https://***@host``), a
-  query parameter with a secret name (``?api_key=...``) and ``Bearer <token>``;
+  query parameter with a secret name (``?api_key=...``), ``Authorization: ...`` and
+  ``Bearer <token>``;
 - inside a mapping: the value of a key whose name says secret (``api_key``, ``token``,
   ``password``, ``secret``, ``authorization``, ...), whatever the value is.
 """
@@ -23,11 +24,19 @@ _SECRET_WORDS = (
     "|bearer|cookie|private_key|access_key|secret_key|session_key"
 )
 _SECRET_KEY = re.compile(rf"(^|_)({_SECRET_WORDS})($|_)")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/@\s?#]+)@")
+# user:password@ (a bare user name, as in git@host, is not a secret)
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/@\s?#:]*:[^/@\s?#]*)@"
+)
 _QUERY_SECRET = re.compile(
     rf"(?P<key>[?&;](?:[A-Za-z0-9_\-]*?)(?:{_SECRET_WORDS}))=(?P<v>[^&;#\s]*)"
 )
-_BEARER = re.compile(r"(?P<kind>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{4,}", re.I)
+# "Authorization: <anything>" and a long "Bearer <token>" (short words after "Bearer" in a path or
+# a sentence are left alone)
+_BEARER = re.compile(
+    r"(?P<kind>(?i:authorization)\s*[:=]\s*(?:(?:Bearer|Basic|Token)\s+)?|\bBearer\s+)"
+    r"[A-Za-z0-9._~+/=\-]{12,}"
+)
 
 
 def is_secret_key(name: Any) -> bool:
