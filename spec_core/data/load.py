@@ -1,8 +1,10 @@
 """Read conversations from local files: JSON (array or lines), JSONL, Parquet, Arrow, a ``datasets``
 save dir, or a directory of those.
 
-Each bad record is skipped and counted by reason with its location (``file.jsonl:17``); the load
-fails with one line only when nothing valid remains. ``limit`` keeps the first N valid
+Files are streamed (JSON lines by line, JSON arrays by element, Arrow by batch), never read
+whole. Each bad record is skipped and counted by reason with its location (``file.jsonl:17``,
+``file.json[3]``); the load fails with one line only when nothing valid remains
+(docs/architecture.md §dataset-loading). ``limit`` keeps the first N valid
 conversations in file order (files sorted by relative path), which is what ``max_conversations``
 means everywhere.
 """
@@ -19,6 +21,7 @@ from typing import Any, BinaryIO, Optional
 
 from tqdm.auto import tqdm
 
+from spec_core.config import DatasetConfig
 from spec_core.data import conversation as cv
 from spec_core.data.conversation import Conversation, InvalidRecord
 from spec_core.data.report import DataReport
@@ -27,7 +30,7 @@ from spec_core.utils.fingerprint import files_digest
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
 _SAVE_DIR_MARKERS = ("state.json", "dataset_dict.json")
-DEFAULT_MAX_RECORD_BYTES = 16 << 20
+DEFAULT_MAX_RECORD_BYTES = DatasetConfig.max_record_bytes
 # Deeper than any chat record needs; checked without recursion, so nothing downstream (Arrow
 # conversion, templates) can hit Python's recursion limit on a hostile record.
 MAX_DEPTH = 64
