@@ -182,6 +182,30 @@ def flipped_byte(d: Path, rng: random.Random, k: int) -> Path:
     return _write(path, bytes(data))
 
 
+def mutated_json(d: Path, rng: random.Random, k: int) -> Path:
+    """A valid array, object stream or JSON lines file with a few structural bytes inserted,
+    deleted or repeated: what the element scanner has to survive."""
+    rows = [good(i, rng) for i in range(6)]
+    shape = rng.choice(["array", "stream", "lines"])
+    if shape == "array":
+        text = json.dumps(rows, indent=rng.choice([None, 1]))
+    elif shape == "stream":
+        text = "\n".join(json.dumps(r, indent=2) for r in rows)
+    else:
+        text = "\n".join(map(json.dumps, rows))
+    data = bytearray(text.encode())
+    for _ in range(rng.randint(1, 5)):
+        at = rng.randrange(len(data))
+        action = rng.choice(["insert", "delete", "repeat"])
+        if action == "insert":
+            data[at:at] = rng.choice([b"[", b"]", b"{", b"}", b'"', b"\\", b",", b":"])
+        elif action == "delete":
+            del data[at]
+        else:
+            data[at:at] = data[at : at + rng.randint(1, 40)]
+    return _write(d / f"mutated{k}.{'jsonl' if shape == 'lines' else 'json'}", bytes(data))
+
+
 def broken_save_dir(d: Path, rng: random.Random, k: int) -> Path:
     import datasets
 
@@ -203,6 +227,7 @@ GENERATORS = [
     boms,
     mixed_encodings,
     flipped_byte,
+    mutated_json,
     broken_save_dir,
 ]
 
@@ -247,7 +272,7 @@ def deadline(seconds: int):
 
 
 def test_loader_fuzz_python_api(tmp_path):
-    cases = corpus(tmp_path, per_kind=24)
+    cases = corpus(tmp_path, per_kind=40)
     outcomes: Counter = Counter()
     reasons: Counter = Counter()
     tracebacks, hangs = [], []
@@ -287,11 +312,13 @@ def test_one_bad_element_costs_only_itself(tmp_path):
     for name, data, kept, reason in (
         ("badbyte.json", broken, ["g0", "g1", "g3", "g4"], cv.NON_UTF8),
         ("bom.json", codecs.BOM_UTF8 + text, [f"g{i}" for i in range(5)], None),
+        # concatenated pretty-printed objects, as jq reads them
+        ("stream.json", "\n".join(json.dumps(r, indent=2) for r in rows).encode(), None, None),
         ("cut.json", text[: text.index(b'"g4"')], ["g0", "g1", "g2", "g3"], cv.TRUNCATED),
         ("deep.json", deep + b"," + json.dumps(rows[1]).encode() + b"]", ["g0", "g1"], cv.TOO_DEEP),
     ):
         result = load_conversations(_write(tmp_path / name, data))
-        assert [c.id for c in result.conversations] == kept, name
+        assert [c.id for c in result.conversations] == (kept or [f"g{i}" for i in range(5)]), name
         assert dict(result.report.skipped) == ({reason: 1} if reason else {}), name
 
 

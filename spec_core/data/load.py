@@ -214,8 +214,9 @@ def _read_source(source: Path, name: str, max_bytes: int) -> Iterator[Item]:
 
 
 def _read_json_file(path: Path, name: str, max_bytes: int, array_allowed: bool) -> Iterator[Item]:
-    """JSON lines; for ``.json`` also a JSON array (streamed element by element) or one object.
-    The first non-blank byte decides; a UTF-8 BOM is skipped, UTF-16/32 is refused in one line."""
+    """JSON lines; for ``.json`` also a JSON array or a stream of (pretty-printed) objects, each
+    streamed element by element. The first non-blank byte decides, then whether the first line
+    is a whole record; a UTF-8 BOM is skipped, UTF-16/32 is refused in one line."""
     with path.open("rb") as fh:
         head = fh.read(4)
         if head.startswith(_WIDE_BOMS):
@@ -224,16 +225,11 @@ def _read_json_file(path: Path, name: str, max_bytes: int, array_allowed: bool) 
         fh.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
         first = _first_non_blank(fh)
         if array_allowed and first == b"[":
-            yield from _read_json_array(fh, name, max_bytes)
-            return
-        size = path.stat().st_size
-        if array_allowed and first == b"{" and size <= max_bytes:
-            record = _one_json_object(fh.read())  # one pretty-printed object?
-            if record is not None:
-                yield f"{name}:1", record
-                return
-        fh.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
-        yield from _read_json_lines(fh, name, max_bytes)
+            yield from _read_json_elements(fh, name, max_bytes, stream=False)
+        elif array_allowed and first == b"{" and not _first_line_is_a_record(fh, max_bytes):
+            yield from _read_json_elements(fh, name, max_bytes, stream=True)
+        else:
+            yield from _read_json_lines(fh, name, max_bytes)
 
 
 def _first_non_blank(fh: BinaryIO) -> bytes:
@@ -248,12 +244,15 @@ def _first_non_blank(fh: BinaryIO) -> bytes:
     return b""
 
 
-def _one_json_object(raw: bytes) -> Any:
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+def _first_line_is_a_record(fh: BinaryIO, max_bytes: int) -> bool:
+    """Whether the first non-blank line is one whole JSON value (JSON lines), rather than the
+    start of a pretty-printed object (the stream is left where it started)."""
+    start = fh.tell()
+    line = b""
+    while not line.strip() and (line := fh.readline(max_bytes + 1)):
+        pass
+    fh.seek(start)
+    return not isinstance(_parse_record(line), InvalidRecord)
 
 
 def _read_json_lines(fh: BinaryIO, name: str, max_bytes: int) -> Iterator[Item]:
@@ -301,33 +300,31 @@ def _parse_record(raw: bytes) -> Any:
         return InvalidRecord(cv.MALFORMED_JSON, str(exc).split(":")[0])
 
 
-def _read_json_array(fh: BinaryIO, name: str, max_bytes: int) -> Iterator[Item]:
-    """A JSON array, element by element: a bad byte or a malformed element costs that element
-    only, an element over ``max_bytes`` is skipped without being kept in memory, and a file that
-    ends inside an element keeps every element before it."""
-    scanner = ArrayScanner(max_bytes)
+def _read_json_elements(fh: BinaryIO, name: str, max_bytes: int, stream: bool) -> Iterator[Item]:
+    """A JSON array (``stream``: a sequence of objects), element by element: a bad byte or a
+    malformed element costs that element only, an element over ``max_bytes`` is skipped without
+    being kept in memory, and a file that ends inside an element keeps every element before it."""
+    scanner = ElementScanner(max_bytes, stream)
     index = 0
-    while chunk := fh.read(_CHUNK):
-        for element in scanner.feed(chunk):
-            yield _array_item(name, index, element, max_bytes)
+    while True:
+        chunk = fh.read(_CHUNK)
+        for element in scanner.feed(chunk) if chunk else scanner.finish():
+            label = f"{name}:{element.line}" if stream else f"{name}[{index}]"
+            yield label, _element_record(element, max_bytes)
             index += 1
-    for element in scanner.finish():
-        yield _array_item(name, index, element, max_bytes)
-        index += 1
-    if index == 0 and scanner.closed:
-        yield name, InvalidRecord(cv.EMPTY_FILE, "empty JSON array")
-    if scanner.trailing:
+        if not chunk:
+            break
+    if index == 0:
         yield (
             name,
-            InvalidRecord(
-                cv.MALFORMED_JSON, f"data after the JSON array's closing ']' (line {scanner.line})"
-            ),
+            InvalidRecord(cv.EMPTY_FILE, "empty JSON array" if scanner.closed else "no records"),
         )
+    if scanner.trailing:
+        detail = f"data after the JSON array's closing ']' (line {scanner.line})"
+        yield name, InvalidRecord(cv.MALFORMED_JSON, detail)
 
 
-def _array_item(name: str, index: int, element: ArrayElement, max_bytes: int) -> Item:
-    location = f"{name}[{index}]"
-    where = f" (line {element.line})"
+def _element_record(element: Element, max_bytes: int) -> Any:
     if element.data is None:
         record: Any = _too_large(max_bytes)
     elif element.truncated:
@@ -335,12 +332,12 @@ def _array_item(name: str, index: int, element: ArrayElement, max_bytes: int) ->
     else:
         record = _parse_record(element.data)
     if isinstance(record, InvalidRecord):
-        record = InvalidRecord(record.reason, record.detail + where)
-    return location, record
+        record = InvalidRecord(record.reason, f"{record.detail} (line {element.line})")
+    return record
 
 
 @dataclass
-class ArrayElement:
+class Element:
     data: Optional[bytes]  # None: over the size cap, not kept
     line: int  # 1-based line where it starts
     truncated: bool = False
@@ -354,19 +351,23 @@ _QUOTE = ord('"')
 _OPENERS = {ord("["): ord("]"), ord("{"): ord("}")}
 
 
-class ArrayScanner:
-    """Splits a top-level JSON array into its elements' bytes, fed in chunks.
+class ElementScanner:
+    """Splits a top-level JSON array (or, ``stream``, a sequence of objects) into its elements'
+    bytes, fed in chunks.
 
     It tracks only strings, escapes and bracket nesting (a byte stack, no recursion), which is
-    enough to find the commas between elements; each element is then parsed on its own. A
-    mismatched closing bracket is kept inside the element so that element fails to parse."""
+    enough to find where elements end (a comma in an array, the closing brace in a stream); each
+    element is then parsed on its own. A mismatched closing bracket is kept inside the element so
+    that element fails to parse."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, stream: bool = False) -> None:
         self.max_bytes = max_bytes
-        self.stack = bytearray()  # open brackets' expected closers; [0] is the array's ']'
+        self.stream = stream
+        # open brackets' expected closers; [0] is the array's ']' (a stream's is implied)
+        self.stack = bytearray(b"]" if stream else b"")
         self.in_string = False
         self.escape = False
-        self.started = False  # the array's '[' was seen
+        self.started = stream  # the array's '[' was seen
         self.closed = False  # the array's ']' was seen
         self.trailing = False  # non-blank bytes after the closing ']'
         self.line = 1
@@ -375,8 +376,8 @@ class ArrayScanner:
         self._start_line = 1
         self._has_content = False
 
-    def feed(self, chunk: bytes) -> list[ArrayElement]:
-        out: list[ArrayElement] = []
+    def feed(self, chunk: bytes) -> list[Element]:
+        out: list[Element] = []
         pos, seg = 0, 0  # seg: where the current element's bytes in this chunk begin
         n = len(chunk)
         self._counted = 0  # newlines of this chunk before _counted are in self.line
@@ -416,6 +417,13 @@ class ArrayScanner:
                 self.stack.append(_OPENERS[c])
             elif depth > 1 and c == self.stack[-1]:
                 self.stack.pop()
+                if self.stream and depth == 2:  # a stream's element ends with its bracket
+                    self._take(chunk[seg:pos])
+                    out.append(self._emit())
+                    self._start_line = self._line_at(chunk, pos)
+                    seg = pos
+            elif depth == 1 and c == ord("]") and self.stream:
+                pass  # a stray bracket between a stream's objects: kept, fails to parse
             elif depth == 1 and c in (ord(","), ord("]")):
                 self._take(chunk[seg:at])
                 if self._has_content or c == ord(","):
@@ -436,7 +444,7 @@ class ArrayScanner:
         self._counted = pos
         return self.line
 
-    def finish(self) -> list[ArrayElement]:
+    def finish(self) -> list[Element]:
         """End of file: an element still open is reported truncated."""
         if self.closed or not self._has_content:
             return []
@@ -454,9 +462,9 @@ class ArrayScanner:
             if len(self._buf) > self.max_bytes:
                 self._buf = None
 
-    def _emit(self) -> ArrayElement:
+    def _emit(self) -> Element:
         data = None if self._buf is None else bytes(self._buf)
-        element = ArrayElement(data, self._start_line + _leading_newlines(data))
+        element = Element(data, self._start_line + _leading_newlines(data))
         self._buf, self._has_content = bytearray(), False
         return element
 
