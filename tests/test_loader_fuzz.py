@@ -391,9 +391,11 @@ def test_loader_fuzz_through_specflow_data(tmp_path, asset_cache, capsys):
         outcomes[code] += 1
     code, output = specflow_data(tmp_path / "corpus", tmp_path / "out", asset_cache, False)
     assert code == 0 and "Traceback" not in output, output[-3000:]
-    counts = [line.split(":")[0].strip() for line in output.splitlines() if "skipped" in line]
+    lines = output.splitlines()
+    totals = next(line for line in lines if line.startswith("records read"))
+    counts = [" ".join(line.split(":")[0].split()[1:]) for line in lines if "  skipped" in line]
     print(
         f"\nspecflow data fuzz: {len(cases[::3])} files one by one ({outcomes[0]} tokenized, "
         f"{outcomes[2]} one-line errors, 0 tracebacks); whole corpus of {len(cases)} files: "
-        + ", ".join(counts)
+        f"{totals} ({', '.join(counts)})"
     )
