@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from spec_core.contracts.capture import check_capture_indices
 from spec_core.errors import ConfigError
 from spec_core.utils.files import atomic_write_text
+from spec_core.utils.redact import has_secret, redact
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -60,6 +62,9 @@ class DatasetConfig:
     min_turns: int = 2  # builtin:chitchat only: drop shorter chats
     num_proc: int = 2
     seed: int = 0
+    # a record (one JSON line / array element / row) larger than this is skipped and counted
+    # (record_too_large) without being held in memory; files themselves are streamed
+    max_record_bytes: int = 16 * 1024 * 1024
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
 
 
@@ -177,6 +182,9 @@ class TrainingConfig:
     max_checkpoints: int = 3
     resume_from: Optional[str] = None  # checkpoint dir (or run dir) to resume exactly
     continual_from: Optional[str] = None  # checkpoint to load weights from, fresh optimizer
+    # resume even though the checkpoint was trained on other data or planned another step count
+    # (its dataset fingerprint / total steps differ from this run's); off = refuse with one line
+    resume_accept_mismatch: bool = False
     log_interval: int = 1
     cpu_threads: Optional[int] = None  # torch threads per trainer process (CPU); None = default
 
@@ -240,6 +248,10 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    # Filled by the loader, not by users: dotted key -> the ``${oc.env:...}`` text its value came
+    # from. Saved and passed-on forms carry that text instead of the value, so a secret read from
+    # the environment is resolved again where it is used and never written down.
+    env_refs: dict[str, str] = field(default_factory=dict)
 
 
 # Fields with a closed set of values: dotted key -> choices.
@@ -333,6 +345,7 @@ def _check_consistency(cfg: Config) -> None:
         "inference.batch_size": cfg.inference.batch_size,
         "inference.replicas": cfg.inference.replicas,
         "dataset.max_seq_length": cfg.dataset.max_seq_length,
+        "dataset.max_record_bytes": cfg.dataset.max_record_bytes,
         "transfer.byte_budget_mb": cfg.transfer.byte_budget_mb,
     }
     for key, value in positive.items():
@@ -373,11 +386,64 @@ def _check_consistency(cfg: Config) -> None:
             "silently near 90% full"
         )
     _check_inference(cfg)
+    _check_run_id(cfg)
     if cfg.dataset.regenerate.enabled and cfg.dataset.regenerate.engine == "openai":
         if not cfg.dataset.regenerate.endpoint:
             raise ConfigError(
                 "'dataset.regenerate.endpoint' is required when 'dataset.regenerate.engine' is openai"
             )
+
+
+# A run id (or run name) becomes one directory under output_dir/runs: one safe path component.
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _check_run_id(cfg: Config) -> None:
+    # the name only becomes a path (name-timestamp) when no run_id is given
+    key, value = ("run.run_id", cfg.run.run_id) if cfg.run.run_id else ("run.name", cfg.run.name)
+    if not _RUN_ID.fullmatch(str(value)) or ".." in str(value):
+        raise ConfigError(
+            f"'{key}' {value!r} must be one path component of letters, digits, '.', '_' or '-' "
+            "(at most 128, starting with a letter or digit, no '..')"
+        )
+
+
+def _check_secrets(cfg: Config) -> None:
+    """A credential written literally into the config would be saved with it: refuse it."""
+    flat = _flatten(config_to_dict(cfg, keep_secrets=True))
+    for key, value in flat.items():
+        if key in cfg.env_refs:
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        if has_secret({leaf: value}):
+            raise ConfigError(
+                f"'{key}' holds a credential written into the config; write it as "
+                "'${oc.env:VAR}' so it is read from the environment where it is used and never "
+                "saved (README §security)"
+            )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _env_refs(merged: Any) -> dict[str, str]:
+    """Dotted keys whose (unresolved) value reads an environment variable."""
+    raw = OmegaConf.to_container(merged, resolve=False)
+    return {
+        key: value
+        for key, value in _flatten(raw).items()
+        if isinstance(value, str) and "${oc.env:" in value and not key.startswith("env_refs")
+    }
 
 
 def _check_inference(cfg: Config) -> None:
@@ -473,27 +539,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}': {str(exc).splitlines()[0]}") from None
         merged = _merge(merged, layer, f"override '{item}'")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return _typed(merged, str(path) if path is not None else "overrides")
+
+
+def _typed(merged: Any, source: str) -> Config:
+    """Resolve and validate a merged config; remember which values came from the environment."""
+    refs = _env_refs(merged)
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:  # e.g. ${oc.env:VAR} with VAR unset
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
+    cfg.env_refs = refs
     _normalize_choices(cfg)
     _check_consistency(cfg)
+    _check_secrets(cfg)
     return cfg
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: Config, keep_secrets: bool = False) -> dict[str, Any]:
+    """The config as plain data, in the form that is saved and passed on (flow parameters, jobs):
+    values read from the environment appear as their ``${oc.env:...}`` text (resolved again by
+    ``config_from_dict`` where they are used) and anything else secret is masked.
+    ``keep_secrets`` returns the resolved values, for checks in this process only."""
+    data = dataclasses.asdict(cfg)
+    data.pop("env_refs", None)
+    if keep_secrets:
+        return data
+    for dotted, text in cfg.env_refs.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == _resolve_text(text):
+            node[leaf] = text  # unchanged since load: pass the reference, not the value
+    return redact(data)
+
+
+def _resolve_text(text: str) -> Any:
+    try:
+        return OmegaConf.create({"v": text}).v
+    except OmegaConfBaseException:
+        return None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``config_to_dict`` output (e.g. passed as flow parameters)."""
     merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "config dict")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _normalize_choices(cfg)
-    _check_consistency(cfg)
-    return cfg
+    return _typed(merged, "config dict")
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The saved form (``config_to_dict``): environment references unresolved, secrets masked."""
+    return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

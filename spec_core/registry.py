@@ -36,6 +36,7 @@ from typing import Any, Optional
 from spec_core.config import Config, RegistryConfig
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.paths import RunPaths
+from spec_core.utils.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ def publish_run(
         experiment_id = _experiment_id(client, reg.experiment, settings.artifact_location)
     except Exception as exc:
         raise ServiceError(
-            f"MLflow tracking at {settings.tracking_uri} is unusable: {str(exc).splitlines()[0]}; "
+            f"MLflow tracking at {redact_text(settings.tracking_uri)} is unusable: "
+            f"{redact_text(str(exc).splitlines()[0])}; "
             "check 'registry.tracking_uri'"
         ) from None
     mlflow_run = _find_or_create_run(client, experiment_id, run_id)
@@ -337,7 +339,7 @@ def publish_run(
         "registered %s v%s (%s): %s", reg.model_name, version, ", ".join(aliases), decision.reason
     )
     return {
-        "tracking_uri": settings.tracking_uri,
+        "tracking_uri": redact_text(settings.tracking_uri),
         "experiment_id": experiment_id,
         "run_id": mlflow_run,
         "run_url": _run_url(settings, experiment_id, mlflow_run),
@@ -352,7 +354,7 @@ def publish_run(
         "previous_champion_tau": decision.previous_tau,
         "tau": float(evaluation["tau"]),
         "ui_command": (
-            f"mlflow ui --backend-store-uri {settings.tracking_uri} "
+            f"mlflow ui --backend-store-uri {redact_text(settings.tracking_uri)} "
             f"--default-artifact-root {settings.artifact_location} --host 127.0.0.1"
         ),
     }

@@ -57,7 +57,7 @@ def export_model(model: Eagle3Draft, root: Path, step: int = 1) -> Path:
     sees drafts through the HF dir."""
     import torch.distributed.checkpoint as dcp
 
-    from spec_core.training.checkpoint import model_state
+    from spec_core.training.checkpoint import model_state, write_manifest
 
     ckpt = root / "checkpoints" / f"iter_{step:07d}"
     ckpt.mkdir(parents=True)
@@ -66,6 +66,7 @@ def export_model(model: Eagle3Draft, root: Path, step: int = 1) -> Path:
         dcp.save(model_state(model), checkpoint_id=str(ckpt / "model"), no_dist=True)
     model.config.save(ckpt / "config.json")
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    write_manifest(ckpt)  # loaders refuse a checkpoint without one
     (root / "checkpoints" / "latest").write_text(ckpt.name)
     return export_draft(root / "checkpoints", root / "hf").out_dir
 

@@ -102,8 +102,11 @@ def test_two_rank_run_writes_metrics_checkpoints_and_pointers(six_steps):
         "data_state_rank1.json",
         "rng_rank0.pt",
         "rng_rank1.pt",
+        "manifest.json",
     ):
         assert (it6 / name).is_file(), name
+    trainer_state = json.loads((it6 / "trainer_state.json").read_text())
+    assert trainer_state["total_steps"] == 6 and len(trainer_state["dataset_fingerprint"]) == 64
     weights = model_weights(it6, tmp)
     assert "embed_tokens.weight" not in weights and "fc.weight" in weights
     assert weights["lm_head.weight"].shape == (49152, 64)

@@ -54,6 +54,14 @@ WRONG_ROLE_ORDER = "wrong_role_order"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 EMPTY_FILE = "empty_file"
 UNREADABLE_FILE = "unreadable_file"
+RECORD_TOO_LARGE = "record_too_large"
+TOO_DEEP = "too_deeply_nested"
+TRUNCATED = "truncated_record"
+BAD_ID = "bad_id"
+
+# Sample ids travel through the key queue as tab/newline separated text and name store objects.
+MAX_ID_CHARS = 512
+_BAD_ID_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class InvalidRecord(DataError):
@@ -125,7 +133,20 @@ def normalize_record(record: Any, messages_key: Optional[str] = None) -> Convers
     _check_order(messages, key)
     raw_id = record.get("id")
     conv_id = str(raw_id) if raw_id is not None and str(raw_id) != "" else derive_id(messages)
+    check_id(conv_id)
     return Conversation(conv_id, messages)
+
+
+def check_id(conv_id: str) -> None:
+    """Refuse ids the streaming queue cannot carry (control characters such as tab/newline, or
+    absurd lengths) here, as a counted skip, instead of in a producer's claim mid-run."""
+    bad = _BAD_ID_CHARS.search(conv_id)
+    if bad is not None:
+        raise InvalidRecord(
+            BAD_ID, f"id {conv_id[:40]!r} contains control character {bad.group()!r}"
+        )
+    if len(conv_id) > MAX_ID_CHARS:
+        raise InvalidRecord(BAD_ID, f"id is {len(conv_id)} characters (at most {MAX_ID_CHARS})")
 
 
 def _find_messages(record: dict, messages_key: Optional[str]) -> tuple[str, list]:

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from spec_core.errors import ConfigError, ServiceError
+from spec_core.utils.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,11 @@ class OpenAIGenerator(Generator):
         self.model_name = model_name or self._served_model()
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "openai", "endpoint": self.base_url, "model_name": self.model_name}
+        return {
+            "engine": "openai",
+            "endpoint": redact_text(self.base_url),
+            "model_name": self.model_name,
+        }
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int
@@ -270,7 +275,7 @@ class OpenAIGenerator(Generator):
             num_tokens = int(reply.get("usage", {}).get("completion_tokens", 0))
         except (KeyError, IndexError, TypeError, ValueError):
             raise ServiceError(
-                f"endpoint {self.base_url}/completions returned an unexpected body: "
+                f"endpoint {redact_text(self.base_url)}/completions returned an unexpected body: "
                 f"{json.dumps(reply)[:200]}"
             ) from None
         for end in self.stop_strings:  # servers that include the stop string in the text
@@ -284,11 +289,12 @@ class OpenAIGenerator(Generator):
             return str(reply["data"][0]["id"])
         except (KeyError, IndexError, TypeError):
             raise ServiceError(
-                f"endpoint {self.base_url}/models lists no model; set dataset.regenerate.model_name"
+                f"endpoint {redact_text(self.base_url)}/models lists no model; set dataset.regenerate.model_name"
             ) from None
 
     def _request(self, method: str, path: str, body: Optional[dict]) -> dict:
         url = self.base_url + path
+        shown = redact_text(url)  # what errors and retry warnings may print
         data = None if body is None else json.dumps(body).encode()
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -304,7 +310,7 @@ class OpenAIGenerator(Generator):
                 detail = _error_detail(exc)
                 if exc.code not in _RETRY_STATUS:
                     raise ServiceError(
-                        f"endpoint {url} rejected the request: HTTP {exc.code} {detail}; check "
+                        f"endpoint {shown} rejected the request: HTTP {exc.code} {detail}; check "
                         "dataset.regenerate.model_name and that the server serves the target"
                     ) from None
                 last = f"HTTP {exc.code} {detail}"
@@ -315,9 +321,9 @@ class OpenAIGenerator(Generator):
                 )
             except ValueError as exc:  # not JSON
                 last = f"invalid JSON in the reply ({exc})"
-            log.warning("endpoint %s: attempt %d failed: %s", url, attempt + 1, last)
+            log.warning("endpoint %s: attempt %d failed: %s", shown, attempt + 1, redact_text(last))
         raise ServiceError(
-            f"endpoint {url} failed {self.max_retries + 1} times (last: {last}); is the server "
+            f"endpoint {shown} failed {self.max_retries + 1} times (last: {redact_text(last)}); is the server "
             "running and reachable? check dataset.regenerate.endpoint (rerun to resume: finished "
             "conversations are kept)"
         )
@@ -328,7 +334,7 @@ def normalize_endpoint(endpoint: str) -> str:
     parsed = urllib.parse.urlparse(endpoint)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError(
-            f"'dataset.regenerate.endpoint' {endpoint!r} is not an http(s) URL, e.g. "
+            f"'dataset.regenerate.endpoint' {redact_text(endpoint)!r} is not an http(s) URL, e.g. "
             "http://127.0.0.1:8000/v1"
         )
     path = parsed.path.rstrip("/")

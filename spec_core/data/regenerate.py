@@ -64,6 +64,7 @@ from spec_core.utils.fingerprint import (
     code_version,
     target_fingerprint,
 )
+from spec_core.utils.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def key_components(cfg: Config, dataset_path: Path, target_dir: Path) -> dict[st
             "turns": rc.turns,
             "max_turns": rc.max_turns,
             "max_seq_length": ds.max_seq_length,
+            "max_record_bytes": ds.max_record_bytes,
         },
         "sampling": {**sampling_settings(rc), "max_new_tokens": rc.max_new_tokens},
         "engine": engine,
@@ -374,7 +376,9 @@ def _run(
     _check(rc)
     started = time.perf_counter()
     limit = _min_optional(ds.max_conversations, rc.max_conversations)
-    loaded = load_conversations(dataset_path, ds.messages_key, limit=limit)
+    loaded = load_conversations(
+        dataset_path, ds.messages_key, limit=limit, max_record_bytes=ds.max_record_bytes
+    )
     renderer = ConversationRenderer(AutoTokenizer.from_pretrained(target_dir), ds.chat_template)
     planner = _Planner(renderer, rc, ds.max_seq_length)
     if planner.budget <= 0:
@@ -681,7 +685,7 @@ def _manifest(
         "template": renderer.template_name,
         "engine": {
             "engine": rc.engine,
-            "endpoint": rc.endpoint if rc.engine == "openai" else None,
+            "endpoint": redact_text(rc.endpoint or "") if rc.engine == "openai" else None,
             "model_name": rc.model_name,
             "batch_size": rc.batch_size if rc.engine == "hf" else 1,
             "concurrency": rc.concurrency if rc.engine == "openai" else 1,

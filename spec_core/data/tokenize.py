@@ -151,6 +151,7 @@ def _cache_key(cfg: DatasetConfig, data_path: Path, tokenizer_dir: Path) -> str:
             "max_seq_length": cfg.max_seq_length,
             "min_loss_tokens": cfg.min_loss_tokens,
             "max_conversations": cfg.max_conversations,
+            "max_record_bytes": cfg.max_record_bytes,
             "eval_conversations": cfg.eval_conversations,
             "seed": cfg.seed,
             "code": code_version(TOKENIZED_CODE),
@@ -204,7 +205,11 @@ def _build(
 ) -> PrepareReport:
     clock = _Stopwatch()
     loaded = load_conversations(
-        data_path, cfg.messages_key, limit=cfg.max_conversations, progress=progress
+        data_path,
+        cfg.messages_key,
+        limit=cfg.max_conversations,
+        progress=progress,
+        max_record_bytes=cfg.max_record_bytes,
     )
     convs = loaded.conversations
     eval_set = set(_eval_indices(len(convs), cfg.eval_conversations, cfg.seed, data_path))

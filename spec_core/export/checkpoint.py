@@ -1,8 +1,8 @@
 """The one checkpoint reader: a training checkpoint's draft weights without a process group.
 
-Resolves a run / checkpoints dir to its ``latest`` or ``best`` ``iter_*`` dir, reads the DCP
-shards into plain tensors, strips wrapper prefixes, and tells the algorithm from ``config.json``
-(docs/architecture.md §checkpoint-layout).
+Resolves a run / checkpoints dir to its ``latest`` or ``best`` ``iter_*`` dir, verifies its files
+against the checkpoint's manifest, reads the DCP shards into plain tensors, strips wrapper
+prefixes, and tells the algorithm from ``config.json`` (docs/architecture.md §checkpoint-layout).
 """
 
 from __future__ import annotations
@@ -46,16 +46,16 @@ class DraftCheckpoint:
 
 def resolve_export_source(path: str | Path, select: str = "latest") -> Path:
     """An ``iter_*`` dir as is; a run or checkpoints dir -> its ``latest`` or ``best`` pointer."""
-    from spec_core.training.checkpoint import BEST, resolve_checkpoint
+    from spec_core.training.checkpoint import BEST, read_pointer, resolve_checkpoint
 
     if select not in ("latest", "best"):
         raise ConfigError(f"checkpoint selection must be 'latest' or 'best', got {select!r}")
     path = Path(path).expanduser()
     if select == "best":
         for root in (path, path / "checkpoints"):
-            pointer = root / BEST
-            if pointer.is_file():
-                return resolve_checkpoint(root / pointer.read_text().strip())
+            target = read_pointer(root, BEST)
+            if target is not None:
+                return resolve_checkpoint(target)
     return resolve_checkpoint(path)
 
 
@@ -77,9 +77,10 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(path: str | Path, select: str = "latest") -> DraftCheckpoint:
     """Load a DCP checkpoint's draft weights into plain tensors (no process group needed)."""
-    from spec_core.training.checkpoint import STATE_FILE
+    from spec_core.training.checkpoint import STATE_FILE, verify_manifest
 
     ckpt = resolve_export_source(path, select)
+    verify_manifest(ckpt)  # before DCP unpickles anything in it
     model_dir = ckpt / "model"
     if not (model_dir / ".metadata").is_file():
         raise ExportError(f"{model_dir}: no DCP metadata; is {ckpt} a complete checkpoint?")

@@ -28,7 +28,12 @@ from spec_core.models.common.target import (
     load_target_head,
     read_target_config,
 )
-from spec_core.training.checkpoint import Checkpointer, load_model_weights, resolve_checkpoint
+from spec_core.training.checkpoint import (
+    Checkpointer,
+    load_model_weights,
+    resolve_checkpoint,
+    run_identity,
+)
 from spec_core.training.fsdp import DistInfo, build_mesh, init_distributed, parallelize
 from spec_core.training.inprocess import InProcessSource, TokenizedSplit
 from spec_core.training.job import TrainJob
@@ -191,7 +196,12 @@ def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
     total = BatchPlan.from_config(cfg, num_train, info.world_size).total_steps
     scheduler = build_scheduler(optimizer, cfg.training, total)
     checkpointer = Checkpointer(
-        job.checkpoint_dir, info.rank, info.world_size, cfg.training.max_checkpoints
+        job.checkpoint_dir,
+        info.rank,
+        info.world_size,
+        cfg.training.max_checkpoints,
+        identity=run_identity(job.train_data, total),
+        accept_mismatch=cfg.training.resume_accept_mismatch,
     )
     metrics = MetricsWriter(job.metrics_file if info.is_main else None)
     trainer = Trainer(

@@ -79,6 +79,15 @@ def update_with_file(h: Any, name: str, path: Path) -> None:
     h.update(b"\0")
 
 
+def file_sha256(path: Path) -> str:
+    """Plain sha256 of one file's bytes (streamed), as ``sha256sum`` prints it."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def files_digest(files: Iterable[tuple[str, Path]]) -> str:
     """sha256 over ``(name, path)`` pairs, in the order given: names and full bytes."""
     h = hashlib.sha256()
