@@ -13,7 +13,10 @@ server under ``specflow/segment/<endpoint>``. A client that can open ``/proc/<pi
 finds the token there is on the same host, in the same pid namespace, talking to this holder.
 
 Run as ``python -m spec_core.transfer.holder --host ... --master ... --metadata-url ...
---segment-mb N [--ready-file F]``; it exits on SIGTERM/SIGINT, removing its info key.
+--segment-mb N [--ready-file F] [--owner-pid P]``; it exits on SIGTERM/SIGINT, removing its info
+key, and when its owner (the coordinator that started it) is gone: a watchdog on the owner's pid
+that backs up the kernel's parent-death signal (``spec_core.utils.procs``), so a segment is never
+held for a dead run. Its memory is a memfd, freed by the kernel when the holder exits.
 """
 
 from __future__ import annotations
@@ -204,10 +207,18 @@ def serve(args: argparse.Namespace) -> int:
         atomic_write_text(args.ready_file, info.to_json())
     print(f"segment holder {endpoint}: {args.segment_mb} MB mounted", flush=True)
     while not stop.wait(1.0):
-        pass
+        if args.owner_pid and not _owner_alive(args.owner_pid):
+            print(f"segment holder {endpoint}: owner pid {args.owner_pid} is gone", flush=True)
+            break
     _metadata_request(f"{args.metadata_url}?key={info_key(endpoint)}", "DELETE")
     store.close()
     return 0
+
+
+def _owner_alive(owner_pid: int) -> bool:
+    """Our parent is still the owner (a dead owner's children are handed to init or a
+    subreaper, and a recycled pid would not be our parent)."""
+    return os.getppid() == owner_pid
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -219,6 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--protocol", default="tcp", help="Mooncake transport: tcp | rdma")
     parser.add_argument("--device-name", default="", help="RDMA NICs, comma-separated")
     parser.add_argument("--ready-file", help="where to write SegmentInfo JSON once mounted")
+    parser.add_argument("--owner-pid", type=int, default=0, help="exit when this parent is gone")
     return serve(parser.parse_args(argv))
 
 

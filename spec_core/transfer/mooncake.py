@@ -127,7 +127,8 @@ def spawn(
     name: str, argv: list[str], log_dir: Path, env: Optional[dict[str, str]] = None
 ) -> ManagedProcess:
     """Start ``argv`` in its own group (Ctrl-C in the terminal reaches us; we stop it), its output
-    appended to ``log_dir/<name>.log``."""
+    appended to ``log_dir/<name>.log``. It dies with this process, SIGKILL included
+    (``ProcessGroup`` ``die_with_owner``): a service outliving its coordinator serves nobody."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as fh:
@@ -137,6 +138,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            die_with_owner=True,
         )
     return ManagedProcess(name, group, log_path)
 
@@ -320,8 +322,12 @@ def start_segment_holder(
             f"--ready-file={ready}",
             f"--protocol={protocol}",
             f"--device-name={device_name}",
+            f"--owner-pid={os.getpid()}",
         ],
         log_dir,
+        # What the transfer engine advertises; it does not narrow its listeners (README
+        # §security-notes). Passed here so the process's environment shows what it was given.
+        env={"MC_TCP_BIND_ADDRESS": host},
     )
 
     def mounted() -> bool:

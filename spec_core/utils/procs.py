@@ -8,14 +8,26 @@ leave its ranks running - and we wait for the whole group, not only the leader. 
 out a PID while it is still in use as a group id, so the recorded id keeps naming our group for as
 long as any member lives; once the group is empty the signal fails with ``ProcessLookupError``
 and the stop is done.
+
+Owned processes (``die_with_owner=True``: the streaming services, torchrun) also die when the
+process that started them dies, SIGKILL included, so a killed coordinator leaves no master,
+metadata server or segment holder behind. The kernel does it: ``PR_SET_PDEATHSIG`` is set in the
+child between fork and exec. That signal fires when the *thread* that forked the child exits, not
+the process, and our callers run in Prefect task threads that end long before the run does; so
+owned children are forked by one daemon thread (``_Spawner``) that lives as long as the process.
+A child whose owner died before ``prctl`` took effect sees a new parent pid and exits at once.
+docs/architecture.md §processes has the table of who owns what.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +37,7 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -98,6 +111,52 @@ def stop_group(
     return False
 
 
+def _die_with(owner_pid: int, sig: int) -> Callable[[], None]:
+    """A ``preexec_fn``: ask the kernel for ``sig`` when our parent dies; exit if it already has.
+    Runs between fork and exec, so it only calls into libc (loaded before the fork)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != owner_pid:  # the owner died before prctl: nobody will stop us
+            os._exit(125)
+
+    return arm
+
+
+class _Spawner:
+    """The one thread that forks owned children (see the module docstring): a daemon, so it lives
+    exactly as long as the process, and its death is the process's death."""
+
+    _lock = threading.Lock()
+    _jobs: Optional[queue.Queue] = None
+
+    @classmethod
+    def popen(cls, argv: list[str], death_signal: int, **kwargs: Any) -> subprocess.Popen:
+        with cls._lock:
+            if cls._jobs is None:
+                cls._jobs = queue.Queue()
+                threading.Thread(target=cls._serve, name="specflow-spawner", daemon=True).start()
+        done: queue.Queue = queue.Queue(maxsize=1)
+        cls._jobs.put((argv, death_signal, kwargs, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    @classmethod
+    def _serve(cls) -> None:
+        assert cls._jobs is not None
+        while True:
+            argv, death_signal, kwargs, done = cls._jobs.get()
+            try:
+                kwargs["preexec_fn"] = _die_with(os.getpid(), death_signal)
+                done.put((True, subprocess.Popen(argv, start_new_session=True, **kwargs)))
+            except BaseException as exc:  # handed to the caller's thread
+                done.put((False, exc))
+
+
 @dataclass(eq=False)
 class ProcessGroup:
     """A child that leads its own process group; ``stop()`` ends the whole group.
@@ -130,10 +189,18 @@ class ProcessGroup:
         argv: list[str],
         grace_s: float = 10.0,
         stop_signal: int = signal.SIGTERM,
+        die_with_owner: bool = False,
+        death_signal: int = signal.SIGKILL,
         **popen_kwargs: Any,
     ) -> ProcessGroup:
-        """``subprocess.Popen(argv, **popen_kwargs)`` as the leader of a new session and group."""
-        popen = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)
+        """``subprocess.Popen(argv, **popen_kwargs)`` as the leader of a new session and group.
+        ``die_with_owner``: the kernel sends the leader ``death_signal`` when this process dies
+        (SIGKILL by default: nobody is left to wait for a graceful stop; a leader with children
+        of its own, like torchrun, gets SIGTERM so it can take them along)."""
+        if die_with_owner:
+            popen = _Spawner.popen(argv, death_signal, **popen_kwargs)
+        else:
+            popen = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)
         return cls(popen, grace_s, popen.pid, stop_signal)
 
     @property
