@@ -40,6 +40,8 @@ class RegenerateConfig:
     endpoint: Optional[str] = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     model_name: Optional[str] = None  # served model name at the endpoint
     batch_size: int = 16  # HF engine: conversations per generate() call
+    # wait for another process regenerating the same cache entry at most this long (12 h)
+    lock_timeout_s: float = 43200.0
     concurrency: int = 4  # endpoint engine: requests in flight
     request_timeout_s: float = 120.0
     max_retries: int = 3
@@ -147,6 +149,8 @@ class TransferConfig:
     holder_address: Optional[str] = None  # external holder Mooncake endpoint (None = start one)
     client_mode: str = "auto"  # auto | shm (same host as the holder) | tcp
     client_segment_mb: int = 0  # memory a tcp-mode client mounts (stores without a holder)
+    # a client's close() waits this long for its lock (held by a prefetch thread mid-read)
+    close_timeout_s: float = 30.0
 
 
 @dataclass
@@ -187,6 +191,11 @@ class TrainingConfig:
     resume_accept_mismatch: bool = False
     log_interval: int = 1
     cpu_threads: Optional[int] = None  # torch threads per trainer process (CPU); None = default
+    # torchrun restarts all ranks this often after a rank dies (crash, OOM kill) and they resume
+    # from the run's latest checkpoint; a user error (exit 2) is not retried. In-process source
+    # only: a streamed run fails and is resumed by its flow (docs/architecture.md §processes)
+    max_restarts: int = 1
+    timeout_s: float = 604800.0  # torchrun wall-clock deadline (7 days); stopped and failed after
 
 
 @dataclass
@@ -223,6 +232,9 @@ class OrchestrationConfig:
     training_deployment: str = "draft-training/draft-training"
     publish_deployment: str = "publish/publish"
     poll_interval_s: float = 2.0  # parent: progress updates and failure checks
+    # deployments mode: a child run no worker has started by then fails the parent, naming it
+    child_start_timeout_s: float = 600.0
+    child_timeout_s: float = 604800.0  # deployments mode: a child run's whole-run deadline
     publish: bool = True  # convert + evaluate + register after training
 
 

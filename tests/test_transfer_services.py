@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -71,9 +72,14 @@ def test_servers_listen_on_loopback_only(services):
     queue_port = int(a.queue.rsplit(":", 1)[1])
     mine = [s for s in _listening(os.getpid()) if s[1] == queue_port]
     assert mine == [("127.0.0.1", queue_port)]
-    # The holder opens only Mooncake transfer-engine listeners, which bind every interface
-    # whatever is configured (documented Mooncake behaviour, hence unshare -n in tests).
-    holder_socks = _listening(by_name["mooncake-holder"])
+    # The holder opens only Mooncake transfer-engine listeners. Mooncake 0.3.13 (and its source
+    # upstream) binds them to every interface: MC_TCP_BIND_ADDRESS, which the holder is given,
+    # only chooses the address it advertises (README §security-notes; hence unshare -n in tests).
+    # If this starts failing, Mooncake learned to bind one address: use it and flip the test.
+    holder = by_name["mooncake-holder"]
+    environ = Path(f"/proc/{holder}/environ").read_bytes().split(b"\0")
+    assert b"MC_TCP_BIND_ADDRESS=127.0.0.1" in environ
+    holder_socks = _listening(holder)
     assert holder_socks and {addr for addr, _ in holder_socks} <= {"0.0.0.0", "::"}
 
 
@@ -326,3 +332,26 @@ def test_failure_during_startup_stops_what_was_started(tmp_path):
         start_services(huge, "doomed", tmp_path)
     leaked = [c for c in _children() if c not in before and "mooncake" in c[1]]
     assert not leaked
+
+
+def test_close_waits_for_the_client_lock_only_until_its_deadline(services, cfg):
+    client = services.addresses.connect_store(dataclasses.replace(cfg, close_timeout_s=0.3))
+    held, release = threading.Event(), threading.Event()
+
+    def stuck_reader():  # a prefetch thread inside a store call that does not return
+        with client.lock:
+            held.set()
+            release.wait(30)
+
+    reader = threading.Thread(target=stuck_reader)
+    reader.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(ServiceError, match=r"held its lock for 0s.*transfer.close_timeout_s"):
+            client.close()
+    finally:
+        release.set()
+        reader.join(10)
+    client.close()  # the lock is free now: the store really closes
+    client.close()  # and again is a no-op
+    assert client._closed

@@ -55,7 +55,7 @@ from spec_core.data.generators import (
 from spec_core.data.load import dataset_fingerprint, load_conversations
 from spec_core.data.render import ConversationRenderer
 from spec_core.data.templates import assistant_spans
-from spec_core.errors import ConfigError, DataError
+from spec_core.errors import ConfigError, DataError, ServiceError
 from spec_core.utils.cli import config_parser, parse_config_args, run_main
 from spec_core.utils.files import atomic_write_json, atomic_write_text
 from spec_core.utils.fingerprint import (
@@ -350,7 +350,7 @@ def regenerate_dataset(
     key = cache_key(components)
     out = Path(work_dir) / "regenerated" / key
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out / ".lock"):
+    with _exclusive(out / ".lock", cfg.dataset.regenerate.lock_timeout_s):
         if (out / MANIFEST).is_file():
             log.info("regenerated data cache hit: %s", out)
             manifest = json.loads((out / MANIFEST).read_text())
@@ -556,14 +556,32 @@ def _min_optional(a: Optional[int], b: Optional[int]) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One process per cache entry; a second one waits, then finds the finished manifest."""
-    with lock_path.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process regenerating into %s", lock_path.parent)
-            fcntl.flock(fh, fcntl.LOCK_EX)
+def _exclusive(lock_path: Path, timeout_s: float) -> Iterator[None]:
+    """One process per cache entry; a second one waits (at most ``timeout_s``), then finds the
+    finished manifest. The holder writes its pid into the lock file so a waiter can name it."""
+    with lock_path.open("a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        logged = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    raise ServiceError(
+                        f"another process (pid {holder}) has been regenerating into "
+                        f"{lock_path.parent} for over {timeout_s:.0f}s; wait for it, stop it, or "
+                        "raise 'dataset.regenerate.lock_timeout_s'"
+                    ) from None
+                if not logged:
+                    log.info("waiting for another process regenerating into %s", lock_path.parent)
+                    logged = True
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
         try:
             yield
         finally:

@@ -681,10 +681,22 @@ class MooncakeClient:
             return self.store.is_exist(key) == 1
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with self.lock:
+        """Idempotent. Waits at most ``transfer.close_timeout_s`` for the client lock: a thread
+        stuck in a store call (a prefetch read) must not hang its owner's shutdown forever."""
+        if self._closed:
+            return
+        if not self.lock.acquire(timeout=self.cfg.close_timeout_s):
+            raise ServiceError(
+                f"closing the Mooncake client: another thread held its lock for "
+                f"{self.cfg.close_timeout_s:.0f}s (a store call that does not return); "
+                "'transfer.close_timeout_s'"
+            )
+        try:
+            if not self._closed:
+                self._closed = True
                 self.store.close()
+        finally:
+            self.lock.release()
 
 
 def _url_host_port(url: str) -> tuple[str, int]:
