@@ -192,8 +192,9 @@ class TrainingConfig:
     log_interval: int = 1
     cpu_threads: Optional[int] = None  # torch threads per trainer process (CPU); None = default
     # torchrun restarts all ranks this often after a rank dies (crash, OOM kill) and they resume
-    # from the run's latest checkpoint; a user error (exit 2) is not retried. In-process source
-    # only: a streamed run fails and is resumed by its flow (docs/architecture.md §processes)
+    # from the run's latest checkpoint; a user error (exit 2) is not retried. Single-node,
+    # in-process source only: a streamed run fails and is resumed by its flow
+    # (docs/architecture.md §processes)
     max_restarts: int = 1
     timeout_s: float = 604800.0  # torchrun wall-clock deadline (7 days); stopped and failed after
 

@@ -50,8 +50,32 @@ def init_distributed(tcfg: TrainingConfig, timeout_s: float = 1800.0) -> DistInf
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = _restart_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(
+                backend=backend, timeout=timeout, store=store, rank=rank, world_size=world
+            )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _restart_store(timeout: timedelta):
+    """After a torchrun restart, the agent's store under a key prefix of this attempt; else None.
+
+    torch's static rendezvous keeps one agent store across restarts while its workers assume a
+    fresh one, so restarted ranks would read the dead ranks' gloo/NCCL addresses and fail to
+    connect. Every rank of one node agrees on the attempt number (one agent restarts them all),
+    which is why restarts are single-node only (``launch_training``)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"specflow/attempt_{attempt}", agent)
 
 
 def build_mesh(info: DistInfo) -> DeviceMesh:

@@ -70,6 +70,12 @@ class TrainJob:
         """Rank 0 writes the final summary here so the launcher can return it."""
         return Path(self.run_dir) / "train_result.json"
 
+    @property
+    def fatal_file(self) -> Path:
+        """A rank that fails with a user error writes it here: torchrun's restarts then end at
+        once with the same error instead of retrying what cannot succeed."""
+        return Path(self.run_dir) / "logs" / "train_fatal.txt"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -47,6 +48,7 @@ def torchrun_command(
     nnodes: int = 1,
     node_rank: int = 0,
     rdzv_endpoint: Optional[str] = None,
+    max_restarts: int = 0,
 ) -> list[str]:
     if nnodes > 1 and not rdzv_endpoint:
         raise ConfigError(
@@ -70,6 +72,7 @@ def torchrun_command(
         # The agent's default 0.1 s health poll costs ~5 % of a core, taken from the co-located
         # producer or trainer; a second is quick enough to notice a dead rank.
         "--monitor-interval=1",
+        f"--max-restarts={max_restarts}",
         "-m",
         "spec_core.training.worker",
         "--job",
@@ -130,6 +133,12 @@ def launch_training(
 ) -> TrainResult:
     """Run the job under torchrun; raise ``SpecflowError`` with the worker's error on failure.
 
+    torchrun restarts every rank up to ``training.max_restarts`` times when one dies; they resume
+    from the run's latest checkpoint (``worker.after_restart``). Streamed runs get none (the refs
+    a dead rank had popped are not handed out again: its flow resumes the run instead), nor do
+    multi-node runs (each node's agent counts its own restarts: ``fsdp._restart_store``).
+    ``timeout_s`` (default ``training.timeout_s``) bounds the whole run: past it torchrun and its
+    ranks are stopped and this raises naming the deadline. torchrun dies with this process.
     ``on_start`` receives torchrun's process group as soon as it exists, so a caller running this
     in a thread (a Prefect task) can stop it from outside on cancellation.
     """
@@ -141,31 +150,43 @@ def launch_training(
     job_path = job.save(node_file(run_dir, "train_job.json", node_rank))
     if node_rank == 0:  # only rank 0 writes the result
         job.result_file.unlink(missing_ok=True)
-    cmd = torchrun_command(job_path, nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+        job.fatal_file.unlink(missing_ok=True)
+    tcfg = job.cfg.training
+    if timeout_s is None:
+        timeout_s = tcfg.timeout_s
+    restarts = 0 if job.source == "stream" or nnodes > 1 else tcfg.max_restarts
+    cmd = torchrun_command(job_path, nproc_per_node, nnodes, node_rank, rdzv_endpoint, restarts)
     proc_env = {**os.environ, **(env or {})}
     proc_env.setdefault("PYTHONUNBUFFERED", "1")
     with log_path.open("a", encoding="utf-8") as log_fh:
         log_fh.write(f"$ {' '.join(cmd)}\n")
         log_fh.flush()
         group = ProcessGroup.start(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=proc_env
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=proc_env,
+            die_with_owner=True,
+            death_signal=signal.SIGTERM,  # torchrun then stops its ranks
         )
         proc = group.popen
         pump = threading.Thread(target=_pump, args=(proc.stdout, log_fh, echo), daemon=True)
         pump.start()
         if on_start is not None:
             on_start(group)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s
         try:
             while proc.poll() is None:
-                if deadline is not None and time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise TimeoutError
                 time.sleep(0.2)
         except TimeoutError:
             group.stop()
             pump.join(timeout=5)
             raise SpecflowError(
-                f"training did not finish within {timeout_s:.0f}s and was stopped; log: {log_path}"
+                f"training did not finish within {timeout_s:.0f}s and was stopped "
+                f"('training.timeout_s'); log: {log_path}"
             ) from None
         except BaseException:
             group.stop()

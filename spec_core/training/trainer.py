@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +41,22 @@ from spec_core.training.optim import clip_gradients
 from spec_core.training.sources import SampleSource, StepData
 
 log = logging.getLogger(__name__)
+
+# Fault point for the elastic-restart test, off unless set: "<rank>:<step>".
+KILL_AFTER_STEP_ENV = "SPECFLOW_FAULT_KILL_AFTER_STEP"
+
+
+def fault_after_step(rank: int, step: int) -> None:
+    """SIGKILL this rank after optimizer step ``step`` and before its ack (weights moved, nothing
+    acked: the moment a resume must get right), in torchrun's first incarnation only, so the
+    restarted ranks run through (docs/architecture.md §processes)."""
+    spec = os.environ.get(KILL_AFTER_STEP_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    want_rank, _, want_step = spec.partition(":")
+    if int(want_rank) == rank and int(want_step) == step:
+        log.warning("fault injection: SIGKILL of rank %d after step %d, before its ack", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -173,6 +191,7 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
         self.step += 1
+        fault_after_step(self.info.rank, self.step)
         self.source.ack(data.sample_ids)
         self.consumed_samples += int(num_samples)
         self.consumed_tokens += int(num_tokens)

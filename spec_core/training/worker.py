@@ -9,7 +9,9 @@ optimizer/schedule, restores a checkpoint if asked, and runs the ``Trainer``. Us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -42,7 +44,7 @@ from spec_core.training.optim import build_optimizer
 from spec_core.training.schedule import build_scheduler
 from spec_core.training.sources import SampleSource, SampleSpec
 from spec_core.training.trainer import Trainer
-from spec_core.utils.files import atomic_write_json
+from spec_core.utils.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("spec_core.training.worker")
 
@@ -240,13 +242,37 @@ def run(job: TrainJob, info: DistInfo) -> dict[str, Any]:
     return summary
 
 
+def restart_count() -> int:
+    """How often torchrun has restarted the ranks after a failure (0 on the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def after_restart(job: TrainJob) -> TrainJob:
+    """The job a restarted rank runs: an exact resume from the run's latest checkpoint, or the
+    job as given when none was written yet (then every rank starts over, which is as exact).
+    Samples the dead incarnation trained after that checkpoint are trained again: their updates
+    died with it, and the checkpoint's acked set does not count them."""
+    latest = Checkpointer(job.checkpoint_dir, 0, 1, 0).latest
+    if latest is None or not latest.is_dir():
+        log.warning("restart %d: no checkpoint yet, starting over", restart_count())
+        return job
+    log.warning("restart %d after a rank failure: resuming from %s", restart_count(), latest)
+    return dataclasses.replace(job, resume_from=str(latest), continual_from=None)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="spec_core.training.worker")
     parser.add_argument("--job", required=True, help="TrainJob JSON written by the launcher")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    job = None
     try:
         job = TrainJob.load(args.job)
+        if restart_count():
+            if job.fatal_file.is_file():  # a user error: the restart cannot fix it
+                print(f"error: {job.fatal_file.read_text().strip()}", file=sys.stderr, flush=True)
+                return 2
+            job = after_restart(job)
         info = init_distributed(job.cfg.training)
         try:
             run(job, info)
@@ -255,6 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 dist.destroy_process_group()
     except SpecflowError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if job is not None:
+            atomic_write_text(job.fatal_file, str(exc))  # every rank: same text
         return 2
     return 0
 
