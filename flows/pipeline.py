@@ -33,7 +33,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.children import deployment_child
+from flows.children import await_deployment_run, deployment_child
 from flows.generate import hidden_state_generation
 from flows.publish import publish
 from flows.train import draft_training
@@ -161,9 +161,14 @@ async def start_children(
     # Idempotency keys name this parent run: a retry of it finds its children instead of
     # starting duplicates, a new run (even with the same run.run_id) starts its own.
     o, parent = cfg.orchestration, idempotency_prefix()
+    deadlines = dict(start_timeout_s=o.child_start_timeout_s, timeout_s=o.child_timeout_s)
     producers = [
         await deployment_child(
-            a["producer_id"], o.generation_deployment, a, f"{parent}/{a['producer_id']}"
+            a["producer_id"],
+            o.generation_deployment,
+            a,
+            f"{parent}/{a['producer_id']}",
+            **deadlines,
         )
         for a in producer_args
     ]
@@ -173,6 +178,7 @@ async def start_children(
             o.training_deployment,
             a,
             f"{parent}/trainer-node-{a['node_rank']}",
+            **deadlines,
         )
         for a in trainer_args
     ]
@@ -188,12 +194,17 @@ async def run_publish(cfg: Config, config: dict[str, Any], **params: Any) -> dic
         return publish(config, **params)
     from prefect.deployments import arun_deployment
 
+    o = cfg.orchestration
     flow_run = await arun_deployment(
-        cfg.orchestration.publish_deployment,
+        o.publish_deployment,
         parameters=dict(config=config, **params),
+        timeout=0,
         flow_run_name="publish",
         idempotency_key=f"{idempotency_prefix()}/publish",
         as_subflow=True,
+    )
+    flow_run = await await_deployment_run(
+        flow_run.id, "publish", o.publish_deployment, o.child_start_timeout_s, o.child_timeout_s
     )
     state = flow_run.state
     if state is None or not state.is_completed():
