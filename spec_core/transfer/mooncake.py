@@ -31,8 +31,9 @@ in the first place, also for external masters.
 
 Security: the master and metadata server bind ``transfer.host`` (127.0.0.1 by default), but every
 Mooncake client (the holder, producers, trainers) also opens transfer-engine listeners on all
-interfaces whatever is configured (Mooncake 0.3.13); tests run inside ``unshare -n`` so those are
-reachable only on loopback. The shared segment is reachable only by processes allowed to open
+interfaces whatever is configured (Mooncake 0.3.13: ``MC_TCP_BIND_ADDRESS`` only picks the
+address a client advertises); tests run inside ``unshare -n`` so those are reachable only on
+loopback. README "Security notes" has the exposure and its mitigation. The shared segment is reachable only by processes allowed to open
 the holder's ``/proc/<pid>/fd`` (same user), and a client checks the file's random token.
 """
 
@@ -325,8 +326,8 @@ def start_segment_holder(
             f"--owner-pid={os.getpid()}",
         ],
         log_dir,
-        # What the transfer engine advertises; it does not narrow its listeners (README
-        # §security-notes). Passed here so the process's environment shows what it was given.
+        # What the transfer engine advertises; it does not narrow its listeners (README,
+        # "Security notes"). Passed here so the process's environment shows what it was given.
         env={"MC_TCP_BIND_ADDRESS": host},
     )
 
