@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,3 +87,39 @@ def test_never_signals_our_own_group():
         signal_group(os.getpgrp(), 0)
     with pytest.raises(ValueError):
         signal_group(1, 0)
+
+
+OWNER = """
+import sys, threading, time
+from spec_core.utils.procs import ProcessGroup
+kids = []
+def start(die):  # from a thread that then ends, as a Prefect task thread does
+    kids.append(ProcessGroup.start([sys.executable, '-c', 'import time; time.sleep(120)'],
+                                   die_with_owner=die))
+for die in (True, False):
+    t = threading.Thread(target=start, args=(die,)); t.start(); t.join()
+print(kids[0].pid, kids[1].pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_owned_children_outlive_their_starting_thread_and_die_with_the_process():
+    owner = ProcessGroup.start(
+        [sys.executable, "-c", OWNER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    owned, free = (int(pid) for pid in owner.popen.stdout.readline().split())
+    try:
+        time.sleep(0.5)
+        assert running(owned) and running(free)  # the thread that forked them has ended
+        os.kill(owner.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while running(owned) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(owned)
+        assert running(free)  # not owned: nothing stops it but a group stop
+    finally:
+        owner.stop()
+        signal_group(free, signal.SIGKILL)  # leads its own group (start_new_session)
