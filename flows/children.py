@@ -100,7 +100,9 @@ async def deployment_child(
         async with get_client() as client:
             current = await client.read_flow_run(flow_run.id)
             if current.state is not None and not current.state.is_final():
-                waiting = current.state.is_scheduled() or current.state.is_pending()
+                # Only a run no worker has taken can be withdrawn outright; a Pending one may
+                # already have a process starting, which only the worker's Cancelling stops.
+                waiting = current.state.is_scheduled()
                 await client.set_flow_run_state(
                     flow_run.id, Cancelled() if waiting else Cancelling(), force=True
                 )

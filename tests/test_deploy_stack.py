@@ -139,4 +139,4 @@ def test_child_no_worker_picks_up_fails_the_parent_by_its_deadline(
     )
     assert trainer.state_name == "Cancelled"  # withdrawn: no later worker may start it
     print(f"parent failed after {(parent.end_time - parent.start_time).total_seconds():.0f}s")
-    assert wait_no_processes(tmp_path) == []
+    assert wait_no_processes(tmp_path, timeout_s=90) == []  # the producer run was cancelled
