@@ -31,8 +31,10 @@ from spec_core.models.common.target import (
     read_target_config,
 )
 from spec_core.training.checkpoint import (
+    LATEST,
     Checkpointer,
     load_model_weights,
+    read_pointer,
     resolve_checkpoint,
     run_identity,
 )
@@ -252,8 +254,8 @@ def after_restart(job: TrainJob) -> TrainJob:
     job as given when none was written yet (then every rank starts over, which is as exact).
     Samples the dead incarnation trained after that checkpoint are trained again: their updates
     died with it, and the checkpoint's acked set does not count them."""
-    latest = Checkpointer(job.checkpoint_dir, 0, 1, 0).latest
-    if latest is None or not latest.is_dir():
+    latest = read_pointer(job.checkpoint_dir, LATEST)
+    if latest is None:
         log.warning("restart %d: no checkpoint yet, starting over", restart_count())
         return job
     log.warning("restart %d after a rank failure: resuming from %s", restart_count(), latest)
