@@ -29,6 +29,7 @@ FLOORS: list[tuple[str, ...]] = [
         "spec_core.models",
         "spec_core.vocab",
         "spec_core.registry",
+        "spec_core.families",
     ),
     ("spec_core.training", "spec_core.export", "spec_core.evaluate"),
     ("spec_core.streaming",),

@@ -164,6 +164,26 @@ _PHI4 = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
 )
 
+# Gemma: no system role (its text opens the first user turn); the assistant is 'model'.
+_GEMMA = (
+    "{{ '<bos>' }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'assistant' %}{{ '<start_of_turn>model\\n' + m['content'] + "
+    "'<end_of_turn>\\n' }}"
+    "{% else %}{{ '<start_of_turn>user\\n' + ns.system + m['content'] + '<end_of_turn>\\n' }}"
+    "{% set ns.system = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+# Mistral (v3 tokenizer shape): user turns in [INST] .. [/INST], each answer closed by </s>.
+_MISTRAL = (
+    "{{ '<s>' }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + '</s>' }}"
+    "{% else %}{{ '[INST] ' + ns.system + m['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+    "{% endif %}{% endfor %}"
+)
+
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 _QWEN3_EMPTY_THINK = "<think>\\n\\n</think>\\n\\n"
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -246,6 +266,16 @@ TEMPLATES: dict[str, ChatTemplate] = {
             ("<|end|>", "<|return|>", "<|call|>"),
             _GPT_OSS,
             ("<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|channel|>", "<|message|>"),
+        ),
+        ChatTemplate(
+            "gemma",
+            "<start_of_turn>model\n",
+            ("<end_of_turn>",),
+            _GEMMA,
+            ("<bos>", "<start_of_turn>", "<end_of_turn>"),
+        ),
+        ChatTemplate(
+            "mistral", "[/INST]", ("</s>",), _MISTRAL, ("<s>", "</s>", "[INST]", "[/INST]")
         ),
         ChatTemplate(
             "phi4",

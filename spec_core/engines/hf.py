@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,3 +117,24 @@ class HFEngine(HiddenStateEngine):
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def decoder_modules(model: Any) -> tuple[Any, Any, Any]:
+    """(embedding, decoder layers, final norm) of an HF causal LM or base model, found through
+    the model's own accessors rather than by the ``model.layers``/``model.norm`` names: the base
+    model is ``model.base_model`` (Gemma-3's text model, a VLM's language model), its layers are
+    the one ``ModuleList`` whose length is ``num_hidden_layers``, its final norm the last
+    top-level child named like a norm. Manual hooks (tests, engines' hook plans) use this."""
+    from torch import nn
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    text = getattr(model.config, "text_config", None) or model.config
+    count = int(text.num_hidden_layers)
+    lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == count]
+    norms = [m for name, m in base.named_children() if "norm" in name.lower()]
+    if len(lists) != 1 or not norms:
+        raise ConfigError(
+            f"{type(model).__name__}: cannot find its {count} decoder layers and final norm; "
+            "this architecture is not supported by the HF engine's hooks"
+        )
+    return base.get_input_embeddings(), lists[0], norms[-1]

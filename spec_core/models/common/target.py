@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from spec_core.config import TargetConfig
 from spec_core.errors import ConfigError
+from spec_core.families import embedding_scale
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -69,6 +70,18 @@ def read_tensors(target_dir: str | Path, names: list[str]) -> dict[str, torch.Te
     return out
 
 
+def read_embedding(target_dir: str | Path, key: str) -> torch.Tensor:
+    """The target's input embedding [V, H] as its decoder layers receive it: the table times the
+    family's embedding scale (Gemma: sqrt(hidden)), in the table's dtype, as HF's scaled
+    embedding computes it. Capture index 0 is these rows, so the draft's frozen embedding is too
+    (docs/architecture.md §target-families)."""
+    emb = read_tensors(target_dir, [key])[key]
+    scale = embedding_scale(read_target_config(target_dir))
+    if scale == 1.0:
+        return emb
+    return emb * torch.tensor(scale, dtype=torch.float32).to(emb.dtype)
+
+
 def has_tensor(target_dir: str | Path, name: str) -> bool:
     return name in _weight_map(Path(target_dir))
 
@@ -92,8 +105,7 @@ class TargetHead:
 
     def load_embedding(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The target's input embedding [V, H] (the draft's frozen ``embed_tokens``)."""
-        key = self.embedding_key
-        return read_tensors(self.target_dir, [key])[key].to(dtype)
+        return read_embedding(self.target_dir, self.embedding_key).to(dtype)
 
 
 def lm_head_key(target_dir: str | Path, target_cfg: TargetConfig, config: dict) -> str:
