@@ -315,6 +315,15 @@ def detect_template(render: Callable[[list[dict]], str]) -> Optional[ChatTemplat
     return max(matches, key=lambda t: len(t.assistant_header), default=None)
 
 
+def template_fits(render: Callable[[list[dict]], str], template: ChatTemplate) -> bool:
+    """Whether ``template``'s markers find the assistant turn of the tokenizer's own rendering
+    (the loss masks of a named template would then land on the right tokens)."""
+    text = render(
+        [{"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_ASSISTANT}]
+    )
+    return _wraps_probe(text, template)
+
+
 def _wraps_probe(text: str, template: ChatTemplate) -> bool:
     spans = assistant_spans(text, template)
     if len(spans) != 1:

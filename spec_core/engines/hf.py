@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -44,6 +44,7 @@ class HFEngine(HiddenStateEngine):
         device: str = "cpu",
         batch_size: int = 4,
         model_dtype: torch.dtype = torch.float32,
+        device_map: Optional[str] = None,
     ) -> None:
         from transformers import AutoModel
 
@@ -52,8 +53,15 @@ class HFEngine(HiddenStateEngine):
         self.spec = spec
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
-        self.model = AutoModel.from_pretrained(str(target_dir), dtype=model_dtype)
-        self.model.to(self.device).eval()
+        if device_map is None:
+            self.model = AutoModel.from_pretrained(str(target_dir), dtype=model_dtype)
+            self.model.to(self.device)
+        else:  # layers spread over the GPUs (accelerate's hooks move activations between them)
+            self.model = AutoModel.from_pretrained(
+                str(target_dir), dtype=model_dtype, device_map=device_map
+            )
+            self.device = self.model.get_input_embeddings().weight.device
+        self.model.eval()
         num_layers = int(self.model.config.num_hidden_layers)
         check_capture_indices(spec.capture_indices, num_layers)
         self.hidden_size = int(self.model.config.hidden_size)
