@@ -105,7 +105,8 @@ def pytest_runtest_makereport(item, call):
         return report
     lane, what = marker.args
     if report.passed:
-        outcome = {"ok": True, "reason": what}
+        note = dict(item.user_properties).get("family_note")
+        outcome = {"ok": True, "reason": f"{what}; {note}" if note else what}
     elif report.skipped:
         outcome = {"ok": False, "reason": f"skipped: {report.longrepr[-1]}"}
     else:

@@ -155,3 +155,41 @@ def test_train_export_and_lossless_decoding(
     )
     assert result["lossless"] and result["mismatched_prompts"] == []
     assert result["num_steps"] > 0 and result["tau"] >= 1.0
+
+
+# What SGLang's model code names the modules our hooks need (spec_core.engines.sglang hooks
+# ``model.embed_tokens``, ``model.layers.{i}`` returning (hidden, residual), ``model.norm``), read
+# from sgl-project/sglang python/sglang/srt/models/<file>. SGLang needs CUDA, so this is the
+# reading, checked against the hook plan we would install; the README table shows it per family.
+SGLANG_MODELS = {
+    "llama3": ("llama.py", "LlamaModel: embed_tokens, layers -> (hidden, residual), norm", ""),
+    "qwen3": ("qwen3.py", "Qwen3Model (Qwen2Model): embed_tokens, layers, norm", ""),
+    "qwen3-moe": ("qwen3_moe.py", "Qwen3MoeModel: embed_tokens, layers, norm", ""),
+    "gpt-oss": (
+        "gpt_oss.py",
+        "GptOssModel: embed_tokens, layers, norm",
+        "with TP all-reduce fusion a layer returns its output before the all-reduce",
+    ),
+    "deepseek-v3": ("deepseek_v2.py", "DeepseekV2Model: embed_tokens, layers, norm", ""),
+    "gemma3": (
+        "gemma3_causal.py",
+        "Gemma3TextModel: embed_tokens scales inside forward (capture 0 = scaled rows), layers, norm",
+        "get_embed() hands a draft the unscaled table: export with --embed",
+    ),
+    "mistral": ("mistral.py", "MistralForCausalLM subclasses LlamaForCausalLM", ""),
+}
+SGLANG_NAMES = {"model.embed_tokens", "model.norm", *(f"model.layers.{i}" for i in range(4))}
+
+
+@pytest.mark.family_lane("sglang_hooks", "hook names found in SGLang's model code")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sglang_hook_plan_names_modules_sglang_has(family, record_property):
+    from spec_core.engines.conventions import sglang_hook_targets
+
+    source, modules, caveat = SGLANG_MODELS[family]
+    plan = sglang_hook_targets((0, 1, 2, 3), 4, with_last_hidden=True)
+    assert {t.module for t in plan} <= SGLANG_NAMES
+    assert "embed_tokens" in modules or "LlamaForCausalLM" in modules, source
+    record_property(
+        "family_note", f"{source}: {modules}" + (f"; caveat: {caveat}" if caveat else "")
+    )
