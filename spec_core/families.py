@@ -221,6 +221,17 @@ def embedding_scale(config: dict[str, Any]) -> float:
     return 1.0
 
 
+def norm_weight_offset(config: dict[str, Any]) -> float:
+    """What a family's RMSNorm adds to its stored weight (Gemma computes ``x * (1 + w)``): the
+    trainer's copy of the final norm is ``w + offset``, a plain ``x * w`` RMSNorm after that."""
+    text = config.get("text_config") or config
+    return (
+        1.0
+        if str(text.get("model_type", config.get("model_type", ""))).startswith("gemma")
+        else 0.0
+    )
+
+
 def tiny_family_dir(cache_dir: Path, family: str, seed: int = 0, sizes: Sizes = Sizes()) -> Path:
     """Where the tiny ``family`` checkpoint for ``seed``/``sizes`` lives in the asset cache."""
     get_family(family)

@@ -72,6 +72,20 @@ def one_torch_thread():
 
 
 @pytest.fixture()
+def process_group():
+    """A one-rank gloo process group in this process (the trainer's pieces in-process)."""
+    import torch.distributed as dist
+
+    from spec_core.utils.net import free_port
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture()
 def queue_address():
     """A fresh key-queue TCPStore on 127.0.0.1 (tests using it run in a private network
     namespace)."""

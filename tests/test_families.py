@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers import make_train_eval, random_samples
 
+from spec_core.config import TargetConfig
 from spec_core.contracts.capture import CaptureSpec
 from spec_core.engines.hf import HFEngine, decoder_modules
 from spec_core.families import FAMILIES, embedding_scale, tiny_family_target
-from spec_core.models.common.target import read_embedding, read_target_config
+from spec_core.models.common.target import (
+    TargetProjection,
+    load_target_head,
+    read_embedding,
+    read_target_config,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,7 +73,7 @@ def manual_capture(target_dir: Path, ids: list[int]) -> dict:
                 with_kwargs=True,
             )
         )
-    handles.append(norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", o)))
+    handles.append(norm.register_forward_hook(lambda m, i, o: seen.update(norm=o, prenorm=i[0])))
     with torch.inference_mode():
         seen["logits"] = model(input_ids=torch.tensor([ids])).logits
     for h in handles:
@@ -94,6 +99,11 @@ def test_hf_capture_matches_manual_hooks(family, family_dirs):
         torch.testing.assert_close(got.last_hidden, ref["norm"][0], rtol=1e-4, atol=1e-4)
         logits = ref["lm_head"](got.last_hidden)
         torch.testing.assert_close(logits, ref["logits"][0], rtol=1e-3, atol=1e-3)
+        # the trainer's copy of the final norm (pre-norm engines) is the family's own norm
+        head = load_target_head(target_dir, TargetConfig())
+        proj = TargetProjection.build(head.lm_head, None, head.norm_weight, head.norm_eps)
+        torch.testing.assert_close(proj.prepare(ref["prenorm"][0]), ref["norm"][0])
+        torch.testing.assert_close(proj.weight, ref["lm_head"].weight)  # tied or untied
     # capture 0 is what the draft's frozen embedding holds (scaled where the family scales it)
     table = read_embedding(target_dir, "model.embed_tokens.weight")
     ids = captured[0].input_ids
@@ -102,21 +112,10 @@ def test_hf_capture_matches_manual_hooks(family, family_dirs):
     assert (scale != 1.0) == (family == "gemma3")
 
 
-@pytest.fixture()
-def one_rank_group():
-    from spec_core.utils.net import free_port
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.family_lane("hf_e2e", "3 train steps, export, validator, lossless decoding")
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_train_export_and_lossless_decoding(
-    family, family_dirs, train_data, tmp_path, one_rank_group
+    family, family_dirs, train_data, tmp_path, process_group
 ):
     from spec_core.config import load_config
     from spec_core.evaluate import EvalPrompt, load_proposer, load_target, run_evaluation

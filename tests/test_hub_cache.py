@@ -181,25 +181,22 @@ def test_dry_run_fails_in_one_line_on_a_wrong_index_or_template(hub_cache, smoll
     assert "\n" not in str(err.value)
 
 
+def specflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spec_core.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def test_dry_run_cli_on_the_moe_preset(hub_cache, smollm2_dir):
     """Through ``specflow dry-run`` in a subprocess: HF_HUB_CACHE from the environment."""
     qwen_snapshot(hub_cache, "Qwen/Qwen3-30B-A3B", QWEN3_30B_A3B, smollm2_dir)
-    cmd = [sys.executable, "-m", "spec_core.cli", "dry-run", "--config"]
-    ok = subprocess.run(
-        [*cmd, str(ROOT / "configs" / "qwen3-30b-a3b-eagle3.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    ok = specflow("dry-run", "--config", str(ROOT / "configs" / "qwen3-30b-a3b-eagle3.yaml"))
     assert ok.returncode == 0, ok.stderr
     assert "48 layers" in ok.stdout and ok.stdout.strip().endswith("dry run passed")
-    missing = subprocess.run(
-        [*cmd, str(ROOT / "configs" / "qwen3-8b-eagle3.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    missing = specflow("dry-run", "--config", str(ROOT / "configs" / "qwen3-8b-eagle3.yaml"))
     assert missing.returncode == 2 and "hf download Qwen/Qwen3-8B" in missing.stderr
     assert "Traceback" not in missing.stderr

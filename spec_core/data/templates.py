@@ -37,12 +37,15 @@ class Span:
 
 def assistant_spans(text: str, template: ChatTemplate) -> list[Span]:
     """Every assistant turn in rendered text: after its header, through its end-of-turn marker
-    (or to the end of the text when the marker is missing)."""
+    (or to the end of the text when the marker is missing). A header that ends the text opens
+    no turn (Mistral's ``[/INST]`` closes every user turn, a last one included)."""
     spans: list[Span] = []
     header = template.assistant_header
     pos = 0
     while (h := text.find(header, pos)) >= 0:
         start = h + len(header)
+        if start >= len(text):
+            break
         found = [(i, i + len(e)) for e in template.end_of_turn if (i := text.find(e, start)) >= 0]
         end = min(found)[1] if found else len(text)
         spans.append(Span(h, start, end))

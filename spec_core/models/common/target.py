@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from spec_core.config import TargetConfig
 from spec_core.errors import ConfigError
-from spec_core.families import embedding_scale
+from spec_core.families import embedding_scale, norm_weight_offset
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -139,7 +139,9 @@ def load_target_head(
     text = config.get("text_config") or config
     return TargetHead(
         lm_head=tensors[head_key].to(dtype),
-        norm_weight=tensors[target_cfg.norm_key].to(dtype) if with_norm else None,
+        norm_weight=(tensors[target_cfg.norm_key].to(dtype) + norm_weight_offset(config))
+        if with_norm
+        else None,
         norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         target_dir=target_dir,
         embedding_key=target_cfg.embedding_key,
