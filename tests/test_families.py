@@ -192,3 +192,21 @@ def test_sglang_hook_plan_names_modules_sglang_has(family, record_property):
     record_property(
         "family_note", f"{source}: {modules}" + (f"; caveat: {caveat}" if caveat else "")
     )
+
+
+def test_head_loader_finds_the_text_model_in_a_wrapped_checkpoint(family_dirs, tmp_path):
+    """A checkpoint that nests the text model (``model.language_model.*``, as VLM wrappers do)
+    needs no key settings: the default keys are found by their last name parts."""
+    from safetensors.torch import load_file, save_file
+
+    source = family_dirs["gemma3"]
+    tensors = load_file(str(source / "model.safetensors"))
+    save_file(
+        {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    (tmp_path / "config.json").write_bytes((source / "config.json").read_bytes())
+    ref, got = load_target_head(source, TargetConfig()), load_target_head(tmp_path, TargetConfig())
+    assert torch.equal(ref.lm_head, got.lm_head) and torch.equal(ref.norm_weight, got.norm_weight)
+    assert torch.equal(ref.load_embedding(), got.load_embedding())
+    assert not torch.equal(got.load_embedding(), got.lm_head)  # scaled rows vs the tied table
