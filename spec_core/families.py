@@ -26,7 +26,7 @@ from spec_core.utils.files import publish_dir, staging_dir
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer: every tiny family shares it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_FAMILY_VERSION = "1"  # bump when a family's config below changes
+_FAMILY_VERSION = "2"  # bump when a family's config below changes
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class Sizes:
 
     num_layers: int = 4
     hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
+    heads: int = 2  # head_dim 32: vLLM's CPU attention has no kernel below 32
+    kv_heads: int = 1
     window: int = 24  # sliding-window families: short enough that test sequences cross it
 
     @property
@@ -143,8 +143,8 @@ def _deepseek_v3(s: Sizes) -> Any:
         q_lora_rank=32,
         kv_lora_rank=16,
         qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
+        qk_nope_head_dim=24,
+        v_head_dim=32,
         n_routed_experts=4,
         num_experts_per_tok=2,
         n_shared_experts=1,
