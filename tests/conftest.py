@@ -118,11 +118,17 @@ def pytest_runtest_makereport(item, call):
     if marker is None or family is None or not (report.when == "call" or not report.passed):
         return report
     lane, what = marker.args
-    if report.passed:
-        note = dict(item.user_properties).get("family_note")
+    props = dict(item.user_properties)  # a test may state its own outcome (family_ok/_note)
+    note = props.get("family_note")
+    if props.get("family_ok") is False:
+        outcome = {"ok": False, "reason": note or "not supported"}
+    elif report.passed:
         outcome = {"ok": True, "reason": f"{what}; {note}" if note else what}
     elif report.skipped:
-        outcome = {"ok": False, "reason": f"skipped: {report.longrepr[-1]}"}
+        why = getattr(report, "wasxfail", None) or (
+            report.longrepr[-1] if isinstance(report.longrepr, tuple) else "skipped"
+        )
+        outcome = {"ok": False, "reason": f"skipped: {why}"}
     else:
         lines = [ln for ln in str(report.longrepr).splitlines() if ln.startswith("E ")]
         outcome = {"ok": False, "reason": (lines[0][1:].strip() if lines else "failed")[:160]}

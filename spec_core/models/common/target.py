@@ -78,7 +78,9 @@ def find_key(target_dir: str | Path, key: str, default: str) -> Optional[str]:
     if key in weight_map or key != default:
         return key if key in weight_map else None
     tail = ".".join(default.split(".")[-2:])
-    found = [n for n in weight_map if n.endswith(tail) and ".layers." not in n and "vision" not in n]
+    found = [
+        n for n in weight_map if n.endswith(tail) and ".layers." not in n and "vision" not in n
+    ]
     return found[0] if len(found) == 1 else None
 
 
