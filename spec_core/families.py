@@ -26,7 +26,7 @@ from spec_core.utils.files import publish_dir, staging_dir
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer: every tiny family shares it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_FAMILY_VERSION = "2"  # bump when a family's config below changes
+_FAMILY_VERSION = "3"  # bump when a family's config below changes
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,10 @@ def _deepseek_v3(s: Sizes) -> Any:
         n_group=2,
         topk_group=1,
         routed_scaling_factor=2.5,
+        # V3's router as its published config states it (sigmoid scores, bias-corrected top-k);
+        # vLLM builds the e_score_correction_bias parameter only for noaux_tc
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
     )
 
 

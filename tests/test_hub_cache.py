@@ -191,6 +191,7 @@ def specflow(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess importing transformers
 def test_dry_run_cli_on_the_moe_preset(hub_cache, smollm2_dir):
     """Through ``specflow dry-run`` in a subprocess: HF_HUB_CACHE from the environment."""
     qwen_snapshot(hub_cache, "Qwen/Qwen3-30B-A3B", QWEN3_30B_A3B, smollm2_dir)
