@@ -17,8 +17,8 @@ COLUMNS = [
     ("sglang_hooks", "SGLang hooks"),
 ]
 NOT_RUN = {
-    "vllm_capture": "not run: no vLLM CPU lane for the families yet (`make vllm-test`)",
-    "vllm_serve": "not run: no vLLM CPU lane for the families yet (`make vllm-test`)",
+    "vllm_capture": "not run: `make vllm-test` (tests/test_families_vllm.py) records it",
+    "vllm_serve": "not run: no per-family test of vLLM serving our draft yet",
 }
 
 

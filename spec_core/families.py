@@ -26,7 +26,7 @@ from spec_core.utils.files import publish_dir, staging_dir
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer: every tiny family shares it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_FAMILY_VERSION = "3"  # bump when a family's config below changes
+_FAMILY_VERSION = "4"  # bump when a family's config below changes
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,15 @@ def _deepseek_v3(s: Sizes) -> Any:
     from transformers import DeepseekV3Config
 
     common = _common(s, tie=False)
-    common["head_dim"] = 8  # MLA: the rotary part of a head (qk_rope_head_dim)
+    common["head_dim"] = 64  # MLA: the rotary part of a head (qk_rope_head_dim)
     common["num_key_value_heads"] = s.heads  # MLA expands the latent to every head
     return DeepseekV3Config(
         **common,
         q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=24,
-        v_head_dim=32,
+        kv_lora_rank=512,  # MLA's cached latent + rope key = 576, V3's own (vLLM's MLA needs it)
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
         n_routed_experts=4,
         num_experts_per_tok=2,
         n_shared_experts=1,
