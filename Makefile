@@ -84,11 +84,12 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	  (echo "[vllm-venv] install failed" && exit 1)
 	@touch $(VLLM_STAMP)
 
-# The vLLM producer for real: vLLM vs HF captures, a streaming run vLLM -> Mooncake -> trainer,
+# The vLLM producer for real: vLLM vs HF captures (SmolLM2 and every tiny family; the families'
+# outcomes land in docs/families.json for the README table), a streaming run vLLM -> Mooncake -> trainer,
 # and the capture parity benchmark.
 vllm-test: $(STAMP) $(VLLM_STAMP)
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; \
-	  $(VLLM_PY) -m pytest -q -ra tests/test_engine_vllm_real.py && \
+	  $(VLLM_PY) -m pytest -q -ra tests/test_engine_vllm_real.py tests/test_families_vllm.py && \
 	  SPECFLOW_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -ra -s tests/test_engine_vllm_stream.py && \
 	  $(PY) benchmarks/engine_parity.py'
 

@@ -12,8 +12,10 @@ import hashlib
 import importlib.metadata as md
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from spec_core.config import BUILTIN_PREFIX, Config
 from spec_core.errors import ConfigError, DataError
@@ -118,7 +120,8 @@ def chitchat_sharegpt(cache_dir: Path, min_turns: int = 2) -> Path:
 
 
 def resolve_target_path(path: str, cache_dir: Path, dtype: str = "float32") -> Path:
-    """``builtin:smollm2-135m-instruct`` -> materialized HF dir; anything else -> a local dir."""
+    """``builtin:smollm2-135m-instruct`` -> materialized HF dir; a hub id (``Qwen/Qwen3-8B``,
+    ``hf:org/name@rev``) -> its snapshot in the HF cache; anything else -> a local dir."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX) :]
         if name != SMOLLM2_NAME:
@@ -128,6 +131,9 @@ def resolve_target_path(path: str, cache_dir: Path, dtype: str = "float32") -> P
         # bf16 weights are what the GPU engines want; CPU runs fp32.
         return materialize_smollm2(cache_dir, "bfloat16" if dtype == "bfloat16" else "float32")
     local = Path(path).expanduser()
+    repo_id = hub_id(path, local, bare_ok=True)
+    if repo_id is not None:
+        local = hub_snapshot(repo_id, "model", "target.path")
     if not (local / "config.json").is_file():
         raise ConfigError(
             f"'target.path' {path!r} is not a local HF model dir (no config.json); "
@@ -137,7 +143,8 @@ def resolve_target_path(path: str, cache_dir: Path, dtype: str = "float32") -> P
 
 
 def resolve_dataset_path(path: str, cache_dir: Path, min_turns: int = 2) -> Path:
-    """``builtin:chitchat`` -> ShareGPT JSONL in the cache; anything else -> a local file/dir."""
+    """``builtin:chitchat`` -> ShareGPT JSONL in the cache; ``hf:org/dataset[@rev]`` -> its
+    snapshot dir in the HF cache; anything else -> a local file/dir."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX) :]
         if name != CHITCHAT_NAME:
@@ -146,9 +153,54 @@ def resolve_dataset_path(path: str, cache_dir: Path, min_turns: int = 2) -> Path
             )
         return chitchat_sharegpt(cache_dir, min_turns)
     local = Path(path).expanduser()
+    repo_id = hub_id(path, local, bare_ok=False)
+    if repo_id is not None:
+        return hub_snapshot(repo_id, "dataset", "dataset.path")
     if not local.exists():
         raise ConfigError(f"'dataset.path' {path!r} does not exist")
     return local.resolve()
+
+
+HUB_PREFIX = "hf:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def hub_id(path: str, local: Path, *, bare_ok: bool) -> Optional[str]:
+    """The hub id ``path`` names (``hf:org/name[@revision]``; for targets a bare ``org/name`` too,
+    unless a local dir of that name exists), else None for a local path."""
+    if path.startswith(HUB_PREFIX):
+        repo_id = path[len(HUB_PREFIX) :]
+    elif bare_ok and _HUB_ID.match(path) and not local.exists():
+        repo_id = path
+    else:
+        return None
+    if not _HUB_ID.match(repo_id):
+        raise ConfigError(f"{path!r} is not a hub id; write it as hf:org/name or hf:org/name@rev")
+    return repo_id
+
+
+def hub_snapshot(repo_id: str, repo_type: str, field_name: str) -> Path:
+    """The snapshot dir of ``repo_id`` in the standard HF cache (``HF_HUB_CACHE``, else
+    ``HF_HOME``/hub), read with huggingface_hub's own cache lookup and never downloaded: runs
+    are offline (``HF_HUB_OFFLINE``), so a missing repo is one line saying how to fetch it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    name, _, revision = repo_id.partition("@")
+    try:
+        return Path(
+            snapshot_download(
+                name, repo_type=repo_type, revision=revision or None, local_files_only=True
+            )
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        flag = " --repo-type dataset" if repo_type == "dataset" else ""
+        rev = f" --revision {revision}" if revision else ""
+        raise ConfigError(
+            f"'{field_name}' {repo_id!r} is not in the HF cache {constants.HF_HUB_CACHE}; on a "
+            f"machine with access run `hf download {name}{flag}{rev}` (or huggingface-cli "
+            "download) and copy that cache here, or point HF_HUB_CACHE at it"
+        ) from None
 
 
 def resolve_target(cfg: Config) -> Path:

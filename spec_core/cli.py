@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("spec_core.training.launcher", "train a draft with torchrun"),
     "export": ("spec_core.export", "convert a checkpoint to a HuggingFace draft dir"),
     "evaluate": ("spec_core.evaluate", "measure real speculative-decoding acceptance"),
+    "dry-run": ("spec_core.dry_run", "check a config against the target without loading weights"),
     "demo": ("flows.pipeline", "run the whole pipeline (Prefect) on a config"),
 }
 

@@ -129,6 +129,9 @@ class InferenceConfig:
     # tmpfs dir for engine-worker -> producer captures; None = /dev/shm
     handoff_dir: Optional[str] = None
     cpu_threads: Optional[int] = None  # torch threads in a producer (CPU); None = torch's default
+    # hf engine: spread a target that does not fit one GPU over the visible ones
+    # (transformers' device_map: "auto" | "balanced" | "sequential"); None = one device
+    device_map: Optional[str] = None
 
 
 @dataclass

@@ -203,6 +203,8 @@ class SpeculativeDecoder:
         started = time.perf_counter()
         self.proposer.reset()
         cache = DynamicCache(config=self.target.config)
+        if hasattr(cache, "activate_past_recording"):  # sliding-window layers must crop back
+            cache.activate_past_recording()  # past their window (gpt-oss, Gemma-3, Mistral)
         out = self.target(
             input_ids=torch.tensor([prompt]),
             past_key_values=cache,

@@ -72,6 +72,20 @@ def one_torch_thread():
 
 
 @pytest.fixture()
+def process_group():
+    """A one-rank gloo process group in this process (the trainer's pieces in-process)."""
+    import torch.distributed as dist
+
+    from spec_core.utils.net import free_port
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture()
 def queue_address():
     """A fresh key-queue TCPStore on 127.0.0.1 (tests using it run in a private network
     namespace)."""
@@ -80,3 +94,56 @@ def queue_address():
     store, port = start_queue_server("127.0.0.1")
     yield f"127.0.0.1:{port}"
     del store
+
+
+# ----------------------------------------------------------------------------- family lanes
+# Tests marked ``family_lane(lane, what)`` and parametrized by ``family`` record their outcome in
+# docs/families.json; scripts/families_table.py renders it into the README's family table, so the
+# table says what the last run showed rather than what someone typed.
+FAMILY_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "families.json"
+_family_outcomes: dict[str, dict[str, dict]] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "family_lane(lane, what): record this family test's outcome in the README table"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    marker = item.get_closest_marker("family_lane")
+    family = getattr(getattr(item, "callspec", None), "params", {}).get("family")
+    if marker is None or family is None or not (report.when == "call" or not report.passed):
+        return report
+    lane, what = marker.args
+    props = dict(item.user_properties)  # a test may state its own outcome (family_ok/_note)
+    note = props.get("family_note")
+    if props.get("family_ok") is False:
+        outcome = {"ok": False, "reason": note or "not supported"}
+    elif report.passed:
+        outcome = {"ok": True, "reason": f"{what}; {note}" if note else what}
+    elif report.skipped:
+        why = getattr(report, "wasxfail", None) or (
+            report.longrepr[-1] if isinstance(report.longrepr, tuple) else "skipped"
+        )
+        outcome = {"ok": False, "reason": f"skipped: {why}"}
+    else:
+        lines = [ln for ln in str(report.longrepr).splitlines() if ln.startswith("E ")]
+        outcome = {"ok": False, "reason": (lines[0][1:].strip() if lines else "failed")[:160]}
+    _family_outcomes.setdefault(family, {})[lane] = outcome
+    return report
+
+
+def pytest_sessionfinish(session):
+    if not _family_outcomes:
+        return
+    import json
+
+    from spec_core.utils.files import atomic_write_text
+
+    old = json.loads(FAMILY_RESULTS.read_text()) if FAMILY_RESULTS.is_file() else {}
+    for family, lanes in _family_outcomes.items():
+        old.setdefault(family, {}).update(lanes)
+    atomic_write_text(FAMILY_RESULTS, json.dumps(old, indent=1, sort_keys=True) + "\n")

@@ -52,6 +52,8 @@ def mask_from_token_ids(
         while remaining > 0 and start < n:  # tokens starting inside the header tail
             remaining -= int(markers.token_chars[ids[start]])
             start += 1
+        if start >= n:  # a header that ends the sequence opens no turn
+            break
         end = _find_end(ids, start, markers.end_ids)
         spans.append(Span(int(i0), start, end))
         i = end
@@ -112,6 +114,17 @@ A1, A2 = "Hello! How can I help?", "Why did the chicken cross the road?"
 
 # Hand-written renderings of CONV: (full text, supervised segments).
 EXPECTED = {
+    "gemma": (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+        f"<start_of_turn>model\n{A1}<end_of_turn>\n"
+        "<start_of_turn>user\nTell me a joke<end_of_turn>\n"
+        f"<start_of_turn>model\n{A2}<end_of_turn>\n",
+        [f"{A1}<end_of_turn>", f"{A2}<end_of_turn>"],
+    ),
+    "mistral": (
+        f"<s>[INST] Be brief.\n\nHi there [/INST]{A1}</s>[INST] Tell me a joke [/INST]{A2}</s>",
+        [f"{A1}</s>", f"{A2}</s>"],
+    ),
     "chatml": (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
         f"<|im_start|>assistant\n{A1}<|im_end|>\n<|im_start|>user\nTell me a joke<|im_end|>\n"
@@ -219,7 +232,7 @@ def segments(tokenizer, ids, mask) -> tuple[list[str], list[str]]:
 
 def test_every_issue_template_is_registered():
     wanted = {"chatml", "llama3", "llama4", "qwen", "qwen3-instruct", "qwen3-thinking"}
-    wanted |= {"deepseek-v3", "kimi-k2", "gpt-oss", "phi4"}
+    wanted |= {"deepseek-v3", "kimi-k2", "gpt-oss", "phi4", "gemma", "mistral"}
     assert wanted <= set(TEMPLATES) and set(EXPECTED) == set(TEMPLATES)
 
 

@@ -291,8 +291,10 @@ def test_final_norm_turns_prenorm_into_hf_last_hidden(tiny_target_dir):
         tiny_target_dir, "model.norm.weight", read_target_config(tiny_target_dir)
     )
     torch.testing.assert_close(norm(seen["pre"]), out.last_hidden_state, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ConfigError, match="1 \\+ weight"):
-        load_final_norm(tiny_target_dir, "model.norm.weight", {"model_type": "gemma2"})
+    # Gemma's norm is x * (1 + w): the same stored weight, one added
+    gemma = {"model_type": "gemma2", "rms_norm_eps": 1e-6}
+    gemma_norm = load_final_norm(tiny_target_dir, "model.norm.weight", gemma)
+    assert torch.equal(gemma_norm.weight, norm.weight + 1)
 
 
 def test_missing_vllm_is_one_clear_error(tiny_target_dir, tmp_path):

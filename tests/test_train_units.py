@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers import make_split
 
 from spec_core.config import load_config
@@ -130,17 +129,6 @@ class ListSource(SampleSource):
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-@pytest.fixture()
-def process_group():
-    from spec_core.utils.net import free_port
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
 
 
 def test_non_finite_step_is_skipped_and_counted(

@@ -37,12 +37,15 @@ class Span:
 
 def assistant_spans(text: str, template: ChatTemplate) -> list[Span]:
     """Every assistant turn in rendered text: after its header, through its end-of-turn marker
-    (or to the end of the text when the marker is missing)."""
+    (or to the end of the text when the marker is missing). A header that ends the text opens
+    no turn (Mistral's ``[/INST]`` closes every user turn, a last one included)."""
     spans: list[Span] = []
     header = template.assistant_header
     pos = 0
     while (h := text.find(header, pos)) >= 0:
         start = h + len(header)
+        if start >= len(text):
+            break
         found = [(i, i + len(e)) for e in template.end_of_turn if (i := text.find(e, start)) >= 0]
         end = min(found)[1] if found else len(text)
         spans.append(Span(h, start, end))
@@ -164,6 +167,26 @@ _PHI4 = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
 )
 
+# Gemma: no system role (its text opens the first user turn); the assistant is 'model'.
+_GEMMA = (
+    "{{ '<bos>' }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'assistant' %}{{ '<start_of_turn>model\\n' + m['content'] + "
+    "'<end_of_turn>\\n' }}"
+    "{% else %}{{ '<start_of_turn>user\\n' + ns.system + m['content'] + '<end_of_turn>\\n' }}"
+    "{% set ns.system = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+# Mistral (v3 tokenizer shape): user turns in [INST] .. [/INST], each answer closed by </s>.
+_MISTRAL = (
+    "{{ '<s>' }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + '</s>' }}"
+    "{% else %}{{ '[INST] ' + ns.system + m['content'] + ' [/INST]' }}{% set ns.system = '' %}"
+    "{% endif %}{% endfor %}"
+)
+
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 _QWEN3_EMPTY_THINK = "<think>\\n\\n</think>\\n\\n"
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -248,6 +271,16 @@ TEMPLATES: dict[str, ChatTemplate] = {
             ("<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|channel|>", "<|message|>"),
         ),
         ChatTemplate(
+            "gemma",
+            "<start_of_turn>model\n",
+            ("<end_of_turn>",),
+            _GEMMA,
+            ("<bos>", "<start_of_turn>", "<end_of_turn>"),
+        ),
+        ChatTemplate(
+            "mistral", "[/INST]", ("</s>",), _MISTRAL, ("<s>", "</s>", "[INST]", "[/INST]")
+        ),
+        ChatTemplate(
             "phi4",
             "<|im_start|>assistant<|im_sep|>",
             ("<|im_end|>",),
@@ -283,6 +316,15 @@ def detect_template(render: Callable[[list[dict]], str]) -> Optional[ChatTemplat
     )
     matches = [t for t in TEMPLATES.values() if _wraps_probe(text, t)]
     return max(matches, key=lambda t: len(t.assistant_header), default=None)
+
+
+def template_fits(render: Callable[[list[dict]], str], template: ChatTemplate) -> bool:
+    """Whether ``template``'s markers find the assistant turn of the tokenizer's own rendering
+    (the loss masks of a named template would then land on the right tokens)."""
+    text = render(
+        [{"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_ASSISTANT}]
+    )
+    return _wraps_probe(text, template)
 
 
 def _wraps_probe(text: str, template: ChatTemplate) -> bool:

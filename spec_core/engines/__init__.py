@@ -50,4 +50,5 @@ def build_engine(cfg: Config, target_dir: str | Path, spec: CaptureSpec) -> Hidd
         device=inf.device,
         batch_size=inf.batch_size,
         model_dtype=MODEL_DTYPES[cfg.target.dtype],
+        device_map=inf.device_map,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -43,6 +44,7 @@ class HFEngine(HiddenStateEngine):
         device: str = "cpu",
         batch_size: int = 4,
         model_dtype: torch.dtype = torch.float32,
+        device_map: Optional[str] = None,
     ) -> None:
         from transformers import AutoModel
 
@@ -51,8 +53,15 @@ class HFEngine(HiddenStateEngine):
         self.spec = spec
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
-        self.model = AutoModel.from_pretrained(str(target_dir), dtype=model_dtype)
-        self.model.to(self.device).eval()
+        if device_map is None:
+            self.model = AutoModel.from_pretrained(str(target_dir), dtype=model_dtype)
+            self.model.to(self.device)
+        else:  # layers spread over the GPUs (accelerate's hooks move activations between them)
+            self.model = AutoModel.from_pretrained(
+                str(target_dir), dtype=model_dtype, device_map=device_map
+            )
+            self.device = self.model.get_input_embeddings().weight.device
+        self.model.eval()
         num_layers = int(self.model.config.num_hidden_layers)
         check_capture_indices(spec.capture_indices, num_layers)
         self.hidden_size = int(self.model.config.hidden_size)
@@ -116,3 +125,24 @@ class HFEngine(HiddenStateEngine):
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def decoder_modules(model: Any) -> tuple[Any, Any, Any]:
+    """(embedding, decoder layers, final norm) of an HF causal LM or base model, found through
+    the model's own accessors rather than by the ``model.layers``/``model.norm`` names: the base
+    model is ``model.base_model`` (Gemma-3's text model, a VLM's language model), its layers are
+    the one ``ModuleList`` whose length is ``num_hidden_layers``, its final norm the last
+    top-level child named like a norm. Manual hooks (tests, engines' hook plans) use this."""
+    from torch import nn
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    text = getattr(model.config, "text_config", None) or model.config
+    count = int(text.num_hidden_layers)
+    lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == count]
+    norms = [m for name, m in base.named_children() if "norm" in name.lower()]
+    if len(lists) != 1 or not norms:
+        raise ConfigError(
+            f"{type(model).__name__}: cannot find its {count} decoder layers and final norm; "
+            "this architecture is not supported by the HF engine's hooks"
+        )
+    return base.get_input_embeddings(), lists[0], norms[-1]

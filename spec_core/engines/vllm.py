@@ -185,19 +185,15 @@ class FinalNorm:
 
 
 def load_final_norm(target_dir: str | Path, norm_key: str, config: dict[str, Any]) -> FinalNorm:
+    from spec_core.families import norm_weight_offset
     from spec_core.models.common.target import read_tensors
 
-    model_type = str(config.get("model_type", ""))
-    if model_type.startswith("gemma"):
-        raise ConfigError(
-            f"target model_type {model_type!r} uses a (1 + weight) RMSNorm that the vLLM "
-            "producer does not apply; use inference.engine hf or sglang for this target"
-        )
     eps = config.get("rms_norm_eps", config.get("layer_norm_epsilon"))
     if eps is None:
         raise ConfigError(f"{target_dir}/config.json has no rms_norm_eps for the final norm")
     weight = read_tensors(target_dir, [norm_key])[norm_key]
-    return FinalNorm(weight=weight, eps=float(eps))
+    offset = norm_weight_offset(config)  # Gemma's norm is x * (1 + w)
+    return FinalNorm(weight=weight + offset if offset else weight, eps=float(eps))
 
 
 def captured_from_bundle(

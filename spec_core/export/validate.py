@@ -99,7 +99,7 @@ def validate_export(hf_dir: str | Path, target_dir: Optional[str | Path] = None)
 
 
 def _check_against_target(algo, config, tensors, target_dir: Path, require) -> None:
-    from spec_core.models.common.target import read_target_config, read_tensors
+    from spec_core.models.common.target import read_embedding, read_target_config
 
     target = text_config(read_target_config(target_dir))
     require(
@@ -123,7 +123,7 @@ def _check_against_target(algo, config, tensors, target_dir: Path, require) -> N
     if EMBED_KEY in tensors:
         key = "model.embed_tokens.weight"
         try:
-            emb = read_tensors(target_dir, [key])[key]
+            emb = read_embedding(target_dir, key)
         except ConfigError:
             return
         same = torch.equal(tensors[EMBED_KEY].float(), emb.to(tensors[EMBED_KEY].dtype).float())

@@ -113,9 +113,9 @@ def export_draft(
     state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     config.torch_dtype = dtype_name
     if include_embedding:
-        from spec_core.models.common.target import read_tensors
+        from spec_core.models.common.target import read_embedding
 
-        emb = read_tensors(Path(target_dir), [embedding_key])[embedding_key]  # type: ignore[arg-type]
+        emb = read_embedding(Path(target_dir), embedding_key)  # type: ignore[arg-type]
         state[EMBED_KEY] = emb.to(cast).contiguous()
 
     meta = _provenance(ckpt, target_dir, vocab_map is not None, provenance or {})

@@ -109,7 +109,7 @@ def load_export(
     """Rebuild an exported drafter (weights strict, embedding from the target) for inference."""
     from safetensors.torch import load_file
 
-    from spec_core.models.common.target import read_tensors
+    from spec_core.models.common.target import read_embedding
 
     config = BlockDraftConfig.load(hf_dir)
     model = model_class(config)(config)
@@ -117,6 +117,6 @@ def load_export(
     if EMBED_KEY not in state:
         if target_dir is None:
             raise ConfigError(f"{hf_dir} has no {EMBED_KEY}; pass the target dir to share its")
-        state[EMBED_KEY] = read_tensors(target_dir, [embedding_key])[embedding_key]
+        state[EMBED_KEY] = read_embedding(target_dir, embedding_key)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return model.to(dtype).eval()

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from spec_core.config import TargetConfig
 from spec_core.errors import ConfigError
+from spec_core.families import embedding_scale, norm_weight_offset
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -69,6 +70,33 @@ def read_tensors(target_dir: str | Path, names: list[str]) -> dict[str, torch.Te
     return out
 
 
+def find_key(target_dir: str | Path, key: str, default: str) -> Optional[str]:
+    """``key`` if the checkpoint has it; for a key left at its default, the one tensor outside the
+    decoder layers with the same last two name parts (VLM and wrapper checkpoints nest the text
+    model: ``model.language_model.embed_tokens.weight``); else None."""
+    weight_map = _weight_map(Path(target_dir))
+    if key in weight_map or key != default:
+        return key if key in weight_map else None
+    tail = ".".join(default.split(".")[-2:])
+    found = [
+        n for n in weight_map if n.endswith(tail) and ".layers." not in n and "vision" not in n
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def read_embedding(target_dir: str | Path, key: str) -> torch.Tensor:
+    """The target's input embedding [V, H] as its decoder layers receive it: the table times the
+    family's embedding scale (Gemma: sqrt(hidden)), in the table's dtype, as HF's scaled
+    embedding computes it. Capture index 0 is these rows, so the draft's frozen embedding is too
+    (docs/architecture.md §target-families)."""
+    key = find_key(target_dir, key, TargetConfig.embedding_key) or key
+    emb = read_tensors(target_dir, [key])[key]
+    scale = embedding_scale(read_target_config(target_dir))
+    if scale == 1.0:
+        return emb
+    return emb * torch.tensor(scale, dtype=torch.float32).to(emb.dtype)
+
+
 def has_tensor(target_dir: str | Path, name: str) -> bool:
     return name in _weight_map(Path(target_dir))
 
@@ -92,8 +120,7 @@ class TargetHead:
 
     def load_embedding(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The target's input embedding [V, H] (the draft's frozen ``embed_tokens``)."""
-        key = self.embedding_key
-        return read_tensors(self.target_dir, [key])[key].to(dtype)
+        return read_embedding(self.target_dir, self.embedding_key).to(dtype)
 
 
 def lm_head_key(target_dir: str | Path, target_cfg: TargetConfig, config: dict) -> str:
@@ -105,7 +132,9 @@ def lm_head_key(target_dir: str | Path, target_cfg: TargetConfig, config: dict) 
     if has_tensor(target_dir, "lm_head.weight"):
         return "lm_head.weight"
     if tied:
-        return target_cfg.embedding_key
+        return find_key(target_dir, target_cfg.embedding_key, TargetConfig.embedding_key) or (
+            target_cfg.embedding_key
+        )
     raise ConfigError(
         f"{target_dir}: no 'lm_head.weight' and tie_word_embeddings is false; "
         "set 'target.lm_head_key' to the output projection's tensor name"
@@ -119,15 +148,14 @@ def load_target_head(
     target_dir = Path(target_dir)
     config = read_target_config(target_dir)
     head_key = lm_head_key(target_dir, target_cfg, config)
-    names = [head_key]
-    with_norm = has_tensor(target_dir, target_cfg.norm_key)
-    if with_norm:
-        names.append(target_cfg.norm_key)
-    tensors = read_tensors(target_dir, names)
+    norm_key = find_key(target_dir, target_cfg.norm_key, TargetConfig.norm_key)
+    tensors = read_tensors(target_dir, [head_key] + ([norm_key] if norm_key else []))
     text = config.get("text_config") or config
     return TargetHead(
         lm_head=tensors[head_key].to(dtype),
-        norm_weight=tensors[target_cfg.norm_key].to(dtype) if with_norm else None,
+        norm_weight=(tensors[norm_key].to(dtype) + norm_weight_offset(config))
+        if norm_key
+        else None,
         norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         target_dir=target_dir,
         embedding_key=target_cfg.embedding_key,

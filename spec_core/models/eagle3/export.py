@@ -318,7 +318,7 @@ def load_export(
     """
     from safetensors.torch import load_file
 
-    from spec_core.models.common.target import read_tensors
+    from spec_core.models.common.target import read_embedding
     from spec_core.models.eagle3.model import Eagle3Draft
 
     raw = read_config_json(hf_dir)
@@ -331,7 +331,7 @@ def load_export(
     if EMBED_KEY not in tensors:
         if target_dir is None:
             raise ConfigError(f"{hf_dir} has no {EMBED_KEY}; pass the target dir to share its")
-        tensors[EMBED_KEY] = read_tensors(target_dir, [embedding_key])[embedding_key]
+        tensors[EMBED_KEY] = read_embedding(target_dir, embedding_key)
     model = Eagle3Draft(config)
     model.load_state_dict(tensors, strict=True)
     return model.to(dtype).eval()
