@@ -121,3 +121,19 @@ def test_endpoint_retry_warnings_and_errors_hide_credentials(caplog):
         generator._request("GET", "/models", None)
     assert "attempt 1 failed" in caplog.text
     assert PASSWORD not in caplog.text and PASSWORD not in str(err.value)
+
+
+def test_vocabulary_token_keys_are_not_secrets_and_every_preset_loads():
+    from pathlib import Path
+
+    from spec_core.config import load_config
+    from spec_core.utils.redact import is_secret_key
+
+    for key in ("mask_token_id", "draft.mask_token_id", "pad_token", "bos_token_id", "max_tokens"):
+        assert not is_secret_key(key), key
+    for key in ("token", "hf_token", "access_token", "x-token", "api_key", "authToken"):
+        assert is_secret_key(key), key
+    presets = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert presets
+    for preset in presets:  # a preset's own fields are never taken for credentials
+        load_config(str(preset), [])

@@ -39,10 +39,19 @@ _BEARER = re.compile(
 )
 
 
+# "token" also means a vocabulary entry: ``mask_token_id``, ``pad_token``, ``max_tokens``.
+_VOCAB_TOKEN = re.compile(
+    r"(^|_)(mask|pad|bos|eos|unk|sep|cls|special|anchor|start|end|stop|new|max|min|num)_token"
+    r"($|_)|_token_(id|ids|index|indices|count|len|length|limit|budget)$"
+)
+
+
 def is_secret_key(name: Any) -> bool:
-    """True when a mapping key's name says its value is a credential (``api_key``, ``x-token``)."""
+    """True when a mapping key's name says its value is a credential (``api_key``, ``x-token``),
+    not a vocabulary token (``mask_token_id``)."""
     text = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name)).lower().replace("-", "_")
-    return bool(_SECRET_KEY.search(text.replace(".", "_")))
+    text = text.replace(".", "_")
+    return bool(_SECRET_KEY.search(text)) and not _VOCAB_TOKEN.search(text)
 
 
 def redact_text(text: str) -> str:
