@@ -30,7 +30,7 @@ FLOORS: list[tuple[str, ...]] = [
         "spec_core.vocab",
         "spec_core.registry",
     ),
-    ("spec_core.training", "spec_core.export", "spec_core.evaluate"),
+    ("spec_core.training", "spec_core.export", "spec_core.evaluate", "spec_core.acceptance"),
     ("spec_core.streaming",),
 ]
 # Command-line entry points dispatch to every floor; they are imported by nothing of ours.

@@ -53,9 +53,7 @@ def load_conversations(
     locations: list[str] = []
     seen_ids: dict[str, int] = {}
     bar = tqdm(desc="loading", unit=" conv", disable=not progress, leave=False)
-    items = (
-        item for source in sources for item in _read_source(source, _display_name(path, source))
-    )
+    items = read_records(path)
     try:
         for location, record in items:
             if limit is not None and len(conversations) >= limit:
@@ -85,6 +83,14 @@ def load_conversations(
     if not conversations:
         raise DataError(f"no valid conversations in {path}: {report.one_line()}")
     return LoadResult(conversations, report, locations)
+
+
+def read_records(path: Path) -> Iterator[Item]:
+    """(location, raw record) of every record under ``path``, in ``load_conversations`` order;
+    unreadable pieces come as ``InvalidRecord`` (for callers whose records are not chats)."""
+    path = Path(path)
+    for source in data_sources(path):
+        yield from _read_source(source, _display_name(path, source))
 
 
 def data_sources(path: Path) -> list[Path]:
