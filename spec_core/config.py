@@ -203,8 +203,17 @@ class EvaluationConfig:
     enabled: bool = True
     # the prompt sets; [] = one held_out set (the default)
     prompts: list[PromptSetConfig] = field(default_factory=list)
-    # who decodes: hf (in-process, exact per-position counts) | vllm | sglang (served engines)
+    # who decodes: hf (in process; also the depth sweep) | vllm | sglang (the serving engine with
+    # the exported draft; spec_core/acceptance/served.py)
     engine: str = "hf"
+    # vllm/sglang: requests in flight for the throughput comparison (concurrency 1 is always run)
+    concurrency: int = 8
+    # vllm/sglang: the engine venv's interpreter; None = inference.python, else ours
+    python: Optional[str] = None
+    # vllm/sglang: extra engine arguments (LLM(...) / sglang.Engine(...))
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    # vllm/sglang: the engine's memory share (vLLM CPU: of the node's memory for the KV cache)
+    mem_fraction: float = 0.25
     num_prompts: int = 16
     max_new_tokens: int = 64
     num_draft_tokens: int = 3
@@ -438,6 +447,12 @@ def _check_evaluation(ev: EvaluationConfig) -> None:
             f"bad value '{ev.engine}' for 'evaluation.engine'; valid choices: "
             + ", ".join(EVAL_ENGINES)
         )
+    if ev.concurrency < 1 or not 0 < ev.mem_fraction <= 1:
+        raise ConfigError(
+            "'evaluation.concurrency' must be >= 1 and 'evaluation.mem_fraction' in (0, 1]"
+        )
+    if ev.engine == "sglang" and ev.engine_args.get("device") == "cpu":
+        raise ConfigError("evaluation.engine sglang runs on CUDA GPUs only; use vllm or hf on CPU")
     if ev.sweep_depth < 0:
         raise ConfigError(f"'evaluation.sweep_depth' must be >= 0, got {ev.sweep_depth}")
     if ev.num_prompts < 1 or ev.max_new_tokens < 1:

@@ -20,6 +20,7 @@ decoded by a plain greedy loop over the same target; the run is lossless iff the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -418,6 +419,8 @@ def evaluate_draft(
     from spec_core.data.render import ConversationRenderer
 
     ev = cfg.evaluation
+    if ev.engine != "hf" and ev.python is None:  # the producers' engine venv serves it too
+        ev = dataclasses.replace(ev, python=cfg.inference.python)
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     renderer = ConversationRenderer(tokenizer, cfg.dataset.chat_template)

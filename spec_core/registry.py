@@ -150,6 +150,9 @@ def _acceptance_record(result: dict[str, Any], prefix: str) -> dict[str, float]:
     }
     for i, alpha in enumerate(result["alpha"], start=1):
         out[f"{prefix}/alpha_{i}"] = float(alpha)
+    for c, at in (result.get("concurrency") or {}).items():  # served engines
+        for key in ("tau", "speedup", "spec_tokens_per_s", "plain_tokens_per_s", "lossless"):
+            out[f"{prefix}/c{c}/{key}"] = float(at[key])
     return out
 
 

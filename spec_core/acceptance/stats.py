@@ -69,6 +69,15 @@ def weighted_summary(sets: dict[str, dict[str, Any]], weights: dict[str, float])
     out["weights"] = dict(zip(names, w, strict=True))
     if all("depth" in r for r in results):
         out["depth"] = _depth_summary([r["depth"] for r in results], w)
+    if all("concurrency" in r for r in results):  # served engines: per concurrency
+        out["concurrency"] = {
+            c: {
+                key: _weighted([r["concurrency"][c][key] for r in results], w)
+                for key in ("tau", "speedup", "spec_tokens_per_s", "plain_tokens_per_s")
+            }
+            | {"lossless": all(r["concurrency"][c]["lossless"] for r in results)}
+            for c in results[0]["concurrency"]
+        }
     return out
 
 
