@@ -85,11 +85,12 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	@touch $(VLLM_STAMP)
 
 # The vLLM producer for real: vLLM vs HF captures, a streaming run vLLM -> Mooncake -> trainer,
-# and the capture parity benchmark.
+# engine-served evaluation (evaluation.engine: vllm), and the capture parity benchmark.
 vllm-test: $(STAMP) $(VLLM_STAMP)
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; \
 	  $(VLLM_PY) -m pytest -q -ra tests/test_engine_vllm_real.py && \
 	  SPECFLOW_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -ra -s tests/test_engine_vllm_stream.py && \
+	  SPECFLOW_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -ra tests/test_eval_served.py && \
 	  $(PY) benchmarks/engine_parity.py'
 
 # An exported draft served by vLLM: its acceptance counters against our evaluator.

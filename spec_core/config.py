@@ -221,6 +221,9 @@ class EvaluationConfig:
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
     # torch threads while decoding (0 = torch's default); batch-1 decode is latency-bound
     num_threads: int = 1
+    # hf: processes decoding prompts in parallel, num_threads each (evaluation runs after
+    # training, so on a 2-core machine 2 halves its wall time)
+    workers: int = 1
     # DSpark: end a drafted block after the first slot whose predicted acceptance (its confidence
     # head) is below this; 0 drafts whole blocks
     min_confidence: float = 0.0
@@ -447,6 +450,8 @@ def _check_evaluation(ev: EvaluationConfig) -> None:
             f"bad value '{ev.engine}' for 'evaluation.engine'; valid choices: "
             + ", ".join(EVAL_ENGINES)
         )
+    if ev.workers < 1:
+        raise ConfigError(f"'evaluation.workers' must be >= 1, got {ev.workers}")
     if ev.concurrency < 1 or not 0 < ev.mem_fraction <= 1:
         raise ConfigError(
             "'evaluation.concurrency' must be >= 1 and 'evaluation.mem_fraction' in (0, 1]"

@@ -232,6 +232,74 @@ def load_target(target_dir: Path) -> Any:
     return model.eval()
 
 
+def decode_prompt(
+    decoder: SpeculativeDecoder,
+    p: EvalPrompt,
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    sweep_depth: int = 0,
+) -> dict[str, Any]:
+    """One prompt decoded speculatively and plainly (and its depth profile): its record."""
+    spec = decoder.generate(p.input_ids, max_new_tokens, stop_ids)
+    base = greedy_decode(decoder.target, p.input_ids, max_new_tokens, stop_ids, tail=sweep_depth)
+    same = spec.tokens == base.tokens
+    if not same:
+        diverge = next(
+            (i for i, (a, b) in enumerate(zip(spec.tokens, base.tokens, strict=False)) if a != b),
+            min(len(spec.tokens), len(base.tokens)),
+        )
+        log.warning("prompt %s: speculative output diverges at token %d", p.id, diverge)
+    record = {
+        "id": p.id,
+        "prompt_tokens": len(p.input_ids),
+        "prompt_ids": p.input_ids,
+        "new_tokens": len(spec.tokens),
+        "steps": len(spec.accepted),
+        "tau": 1.0 + sum(spec.accepted) / max(1, len(spec.accepted)),
+        "accepted": spec.accepted,
+        "lossless": same,
+        "tokens": spec.tokens,
+        "spec_wall_s": spec.wall_s,
+        "base_wall_s": base.wall_s,
+        "base_tokens": len(base.tokens),
+    }
+    if sweep_depth > 0:
+        record["depth_profile"] = acceptance_profile(
+            decoder.target, decoder.proposer, p.input_ids, base.tokens, base.tail, sweep_depth
+        )
+    return record
+
+
+def aggregate_records(
+    records: list[dict[str, Any]], num_draft_tokens: int, sweep_depth: int = 0
+) -> dict[str, Any]:
+    """A set's result from its prompts' records: tau and alpha_k over all verify steps, wall
+    times summed, the depth curve over all profiles."""
+    spec_s = sum(r["spec_wall_s"] for r in records)
+    base_s = sum(r["base_wall_s"] for r in records)
+    spec_tokens = sum(r["new_tokens"] for r in records)
+    base_tokens = sum(r["base_tokens"] for r in records)
+    result = {
+        **acceptance_stats([a for r in records for a in r["accepted"]], num_draft_tokens),
+        "lossless": all(r["lossless"] for r in records),
+        "mismatched_prompts": [r["id"] for r in records if not r["lossless"]],
+        "num_prompts": len(records),
+        "generated_tokens": spec_tokens,
+        "speculative": {"wall_s": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9)},
+        "baseline": {
+            "tau": 1.0,  # plain greedy: one token per target forward
+            "wall_s": base_s,
+            "tokens_per_s": base_tokens / max(base_s, 1e-9),
+        },
+        "wall_speedup": base_s / max(spec_s, 1e-9),
+        "prompts": records,
+    }
+    if sweep_depth > 0:
+        result["depth"] = depth_curve([r["depth_profile"] for r in records], sweep_depth)
+    return result
+
+
 def run_evaluation(
     target: Any,
     proposer: Proposer,
@@ -245,65 +313,13 @@ def run_evaluation(
     """Decode every prompt speculatively and plainly; per-prompt records plus the aggregate, and
     with ``sweep_depth`` > 0 tau for k = 1..sweep_depth (``spec_core.acceptance.depth``)."""
     decoder = SpeculativeDecoder(target, proposer, num_draft_tokens)
-    records, all_accepted, profiles = [], [], []
-    spec_s = base_s = 0.0
-    spec_tokens = base_tokens = 0
-    for p in prompts:
-        spec = decoder.generate(p.input_ids, max_new_tokens, stop_ids)
-        base = greedy_decode(target, p.input_ids, max_new_tokens, stop_ids, tail=sweep_depth)
-        same = spec.tokens == base.tokens
-        if not same:
-            diverge = next(
-                (
-                    i
-                    for i, (a, b) in enumerate(zip(spec.tokens, base.tokens, strict=False))
-                    if a != b
-                ),
-                min(len(spec.tokens), len(base.tokens)),
-            )
-            log.warning("prompt %s: speculative output diverges at token %d", p.id, diverge)
-        if sweep_depth > 0:
-            profiles.append(
-                acceptance_profile(
-                    target, proposer, p.input_ids, base.tokens, base.tail, sweep_depth
-                )
-            )
-        all_accepted += spec.accepted
-        spec_s, base_s = spec_s + spec.wall_s, base_s + base.wall_s
-        spec_tokens, base_tokens = spec_tokens + len(spec.tokens), base_tokens + len(base.tokens)
-        records.append(
-            {
-                "id": p.id,
-                "prompt_tokens": len(p.input_ids),
-                "prompt_ids": p.input_ids,
-                "new_tokens": len(spec.tokens),
-                "steps": len(spec.accepted),
-                "tau": 1.0 + sum(spec.accepted) / max(1, len(spec.accepted)),
-                "accepted": spec.accepted,
-                "lossless": same,
-                "tokens": spec.tokens,
-                **({"depth_profile": profiles[-1]} if sweep_depth > 0 else {}),
-            }
+    records = [
+        decode_prompt(
+            decoder, p, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sweep_depth=sweep_depth
         )
-    stats = acceptance_stats(all_accepted, num_draft_tokens)
-    result = {
-        **stats,
-        "lossless": all(r["lossless"] for r in records),
-        "mismatched_prompts": [r["id"] for r in records if not r["lossless"]],
-        "num_prompts": len(prompts),
-        "generated_tokens": spec_tokens,
-        "speculative": {"wall_s": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9)},
-        "baseline": {
-            "tau": 1.0,  # plain greedy: one token per target forward
-            "wall_s": base_s,
-            "tokens_per_s": base_tokens / max(base_s, 1e-9),
-        },
-        "wall_speedup": base_s / max(spec_s, 1e-9),
-        "prompts": records,
-    }
-    if sweep_depth > 0:
-        result["depth"] = depth_curve(profiles, sweep_depth)
-    return result
+        for p in prompts
+    ]
+    return aggregate_records(records, num_draft_tokens, sweep_depth)
 
 
 @dataclass
@@ -381,6 +397,8 @@ def _decode_sets(
         from spec_core.acceptance.served import evaluate_served
 
         return evaluate_served(ev, hf_dir, target_dir, sets, stop_ids)
+    if ev.workers > 1:
+        return _decode_in_workers(ev, hf_dir, target_dir, sets, embedding_key, stop_ids)
     target = load_target(target_dir)
     proposer = load_proposer(hf_dir, target, target_dir, embedding_key, ev)
     threads = torch.get_num_threads()
@@ -402,6 +420,61 @@ def _decode_sets(
     finally:
         torch.set_num_threads(threads)
     return per_set
+
+
+# One worker process's decoder (set by the pool's initializer; each process has its own).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(
+    hf_dir: str, target_dir: Path, embedding_key: str, ev: EvaluationConfig, stop_ids: set[int]
+) -> None:
+    torch.set_num_threads(max(1, ev.num_threads))
+    target = load_target(target_dir)
+    proposer = load_proposer(hf_dir, target, target_dir, embedding_key, ev)
+    decoder = SpeculativeDecoder(target, proposer, ev.num_draft_tokens)
+    _WORKER.update(decoder=decoder, ev=ev, stop_ids=stop_ids)
+
+
+def _worker_decode(p: EvalPrompt) -> dict[str, Any]:
+    ev = _WORKER["ev"]
+    return decode_prompt(
+        _WORKER["decoder"],
+        p,
+        max_new_tokens=ev.max_new_tokens,
+        stop_ids=_WORKER["stop_ids"],
+        sweep_depth=ev.sweep_depth,
+    )
+
+
+def _decode_in_workers(
+    ev: EvaluationConfig,
+    hf_dir: str | Path,
+    target_dir: Path,
+    sets: list[PromptSet],
+    embedding_key: str,
+    stop_ids: set[int],
+) -> dict[str, dict[str, Any]]:
+    """``evaluation.workers`` processes, each with its own target and draft, decode the prompts
+    of every set in parallel; each prompt's record (and wall times) comes from one process, and
+    the sets are aggregated here exactly as in process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    prompts = [p for s in sets for p in s.prompts]
+    log.info("evaluating %s: %d prompts in %d processes", hf_dir, len(prompts), ev.workers)
+    with ProcessPoolExecutor(
+        ev.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(str(hf_dir), target_dir, embedding_key, ev, stop_ids),
+    ) as pool:
+        records = iter(pool.map(_worker_decode, prompts))
+        grouped = {s.name: [next(records) for _ in s.prompts] for s in sets}
+    return {
+        name: aggregate_records(recs, ev.num_draft_tokens, ev.sweep_depth)
+        for name, recs in grouped.items()
+    }
 
 
 def evaluate_draft(

@@ -149,3 +149,29 @@ def test_sweep_of_a_dflash_draft(block_target):  # noqa: F811
     result = sweep(block_target, proposer, prompts, k=4)
     assert result["lossless"]
     assert result["depth"]["tau"] == pytest.approx(live_taus(block_target, proposer, prompts))
+
+
+def test_two_worker_processes_give_the_in_process_result(bigram, tmp_path):  # noqa: F811
+    """``evaluation.workers: 2`` splits the prompts over two processes; records, tau, alpha and
+    the depth curve are those of one process (only wall times differ)."""
+    from spec_core.config import load_config
+    from spec_core.evaluate import PromptSet, evaluate_prompts
+
+    target_dir, perm = bigram["cycle"]
+    hf_dir = export_model(lens_draft(target_dir, perm[perm]), tmp_path)
+    sets = [
+        PromptSet(random_prompts(3, seed=5), {}, 3, name="a"),
+        PromptSet(random_prompts(2, seed=6), {}, 2, name="b"),
+    ]
+    results = {}
+    for workers in (1, 2):
+        cfg = load_config(None, ["evaluation.max_new_tokens=10", f"evaluation.workers={workers}"])
+        results[workers] = evaluate_prompts(cfg.evaluation, hf_dir, target_dir, sets)
+    one, two = results[1], results[2]
+    for name in ("a", "b"):
+        assert [r["tokens"] for r in two["sets"][name]["prompts"]] == [
+            r["tokens"] for r in one["sets"][name]["prompts"]
+        ]
+        assert two["sets"][name]["depth"]["tau"] == one["sets"][name]["depth"]["tau"]
+    assert two["tau"] == one["tau"] == pytest.approx(2.0) and two["lossless"]
+    assert two["alpha"] == one["alpha"] and two["eval_set_hash"] == one["eval_set_hash"]

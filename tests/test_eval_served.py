@@ -53,7 +53,11 @@ def test_vllm_serves_the_draft_lossless_with_hf_tau(smollm2_dir, tmp_path):
         PromptSet(random_prompts(4, length=16, seed=1), {}, 4, name="a"),
         PromptSet(random_prompts(3, length=24, seed=2), {}, 3, name="b"),
     ]
-    common = ["evaluation.max_new_tokens=24", "evaluation.concurrency=8"]
+    common = [
+        "evaluation.max_new_tokens=24",
+        "evaluation.concurrency=8",
+        "evaluation.sweep_depth=0",
+    ]
     hf = evaluate_prompts(load_config(None, common).evaluation, hf_dir, smollm2_dir, sets)
     served_cfg = load_config(
         None, [*common, "evaluation.engine=vllm", f"evaluation.python={VLLM_PYTHON}"]
