@@ -39,7 +39,7 @@ from spec_core.acceptance.stats import (  # noqa: F401  (acceptance_stats: re-ex
     set_table,
     weighted_summary,
 )
-from spec_core.config import Config, EvaluationConfig
+from spec_core.config import Config, EvaluationConfig, prompt_sets
 from spec_core.data.prompt_sets import (  # noqa: F401  (re-exported: the evaluator's prompts)
     NO_ASSISTANT_TURN,
     PROMPT_TOO_LONG,
@@ -497,7 +497,10 @@ def evaluate_draft(
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     renderer = ConversationRenderer(tokenizer, cfg.dataset.chat_template)
-    sources = PromptSources(renderer, ev, Path(eval_path), cfg.dataset, resolve_dataset(cfg))
+    # mid_conversation looks up held-out ids in the source dataset (regeneration may cut them)
+    needs_source = any(ps.source == "mid_conversation" for ps in prompt_sets(ev))
+    source = resolve_dataset(cfg) if needs_source else None
+    sources = PromptSources(renderer, ev, Path(eval_path), cfg.dataset, source)
     sets = build_prompt_sets(sources)
     result = evaluate_prompts(ev, hf_dir, target_dir, sets, cfg.target.embedding_key)
     result.update(

@@ -44,6 +44,7 @@ def test_a_missing_engine_interpreter_fails_with_one_line(tiny_target_dir, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two vLLM CPU engine starts
 @pytest.mark.skipif(not VLLM_PYTHON, reason="needs the vLLM venv (make vllm-test)")
 def test_vllm_serves_the_draft_lossless_with_hf_tau(smollm2_dir, tmp_path):
     from test_evaluate import random_prompts

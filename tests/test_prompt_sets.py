@@ -73,10 +73,11 @@ def split(tmp_path_factory, tiny_target_dir, asset_cache):
     ]
     full_path = write_jsonl(root / "full.jsonl", full)
     cut = [dict(r, conversations=r["conversations"][:2]) for r in full]
+    cut_path = write_jsonl(root / "cut.jsonl", cut)
     cfg = load_config(
         None,
         [
-            f"dataset.path={write_jsonl(root / 'cut.jsonl', cut)}",
+            f"dataset.path={cut_path}",
             "dataset.eval_conversations=6",
             "dataset.num_proc=1",
         ],
@@ -85,7 +86,7 @@ def split(tmp_path_factory, tiny_target_dir, asset_cache):
         cfg.dataset, tiny_target_dir, root / "work", asset_cache, progress=False
     ).eval_path
     held_out = {c.id for c in load_eval_conversations(eval_path)}
-    return {"eval": eval_path, "full": full_path, "held_out": held_out}
+    return {"eval": eval_path, "full": full_path, "cut": cut_path, "held_out": held_out}
 
 
 def test_mid_conversation_prompts_come_from_held_out_conversations(chat_renderer, split):  # noqa: F811
@@ -99,6 +100,14 @@ def test_mid_conversation_prompts_come_from_held_out_conversations(chat_renderer
         text = chat_renderer.tokenizer.decode(m.input_ids)
         assert f"fine {i}" in text and f"bye {i}" in text  # the later turns of the full copy
         assert m.input_ids[: len(f.input_ids) - 3] == f.input_ids[:-3]  # same opening turn
+    # The pipeline points dataset.path at the regenerated file: its manifest leads to the source.
+    regen = split["full"].parent / "regenerated" / "key"
+    regen.mkdir(parents=True, exist_ok=True)
+    (regen / "conversations.jsonl").write_text(split["cut"].read_text())
+    (regen / "manifest.json").write_text(json.dumps({"source": {"path": str(split["full"])}}))
+    via_regen = sources(chat_renderer, split["eval"], regen / "conversations.jsonl", num_prompts=10)
+    again = build_prompt_set(PromptSetConfig(source="mid_conversation"), via_regen)
+    assert [p.input_ids for p in again.prompts] == [p.input_ids for p in mid.prompts]
     # Without the full copy the cut split has no later turn: every prompt is skipped, loudly.
     with pytest.raises(DataError, match="mid_conversation.*no_later_assistant_turn"):
         build_prompt_set(

