@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_evaluate import chat
+from test_evaluate import (
+    chat,
+    eval_split,  # noqa: F401  (fixture)
+)
 from test_evaluate import renderer as chat_renderer  # noqa: F401  (fixture)
 
 from spec_core.acceptance.stats import set_table, weighted_summary
@@ -219,3 +222,44 @@ def test_conversation_records_need_messages(chat_renderer, tmp_path):  # noqa: F
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt key"}])
     with pytest.raises(DataError, match="no usable prompt or conversation"):
         build_prompt_set(PromptSetConfig(source="file", path=str(path)), sources(chat_renderer))
+
+
+def test_cli_writes_per_set_results_table_and_plots(tiny_target_dir, eval_split, tmp_path):  # noqa: F811
+    """``specflow evaluate`` with three kinds of sets: each set's result, the weighted summary,
+    the per-set table and both plots land in the eval dir."""
+    from test_evaluate import draft_for, export_model
+
+    from spec_core.evaluate import main
+
+    hf_dir = export_model(draft_for(tiny_target_dir), tmp_path / "draft")
+    sets = "[{source: first_turns}, {source: mid_conversation}, {source: humaneval, weight: 2}]"
+    args = [
+        f"--draft={hf_dir}",
+        f"--eval-data={eval_split}",
+        f"--out={tmp_path / 'ev'}",
+        f"target.path={tiny_target_dir}",
+        "dataset.max_conversations=24",
+        "evaluation.num_prompts=2",
+        "evaluation.max_new_tokens=6",
+        "evaluation.sweep_depth=3",
+        f"evaluation.prompts={sets}",
+        f"run.output_dir={tmp_path}",
+    ]
+    assert main(args) == 0
+    out = tmp_path / "ev"
+    result = json.loads((out / "acceptance.json").read_text())
+    assert set(result["sets"]) == {"first_turns", "mid_conversation", "humaneval"}
+    assert result["weights"] == {"first_turns": 1.0, "mid_conversation": 1.0, "humaneval": 2.0}
+    taus = {n: r["tau"] for n, r in result["sets"].items()}
+    assert result["tau"] == pytest.approx(
+        (taus["first_turns"] + taus["mid_conversation"] + 2 * taus["humaneval"]) / 4
+    )
+    assert all(r["num_prompts"] == 2 for r in result["sets"].values())
+    first = {p["id"]: p["prompt_ids"] for p in result["sets"]["first_turns"]["prompts"]}
+    mid = {p["id"]: p["prompt_ids"] for p in result["sets"]["mid_conversation"]["prompts"]}
+    assert all(len(mid[i]) > len(first[i]) for i in set(first) & set(mid))
+    table = json.loads((out / "acceptance_sets.json").read_text())
+    assert [row["set"] for row in table][-1] == "summary (weighted)"
+    assert len(result["depth"]["tau"]) == 3
+    for name in ("acceptance.png", "depth_sweep.png"):
+        assert (out / name).stat().st_size > 1000
