@@ -8,9 +8,11 @@ SGLang/vLLM as downloaded), the resolved config, the evaluation JSON and plots.
 Registry (MLflow 3: aliases, not stages). ``mlflow.register_model("runs:/<id>/draft")`` fails for
 a plain directory in MLflow 3, so the version is created with ``MlflowClient.create_model_version``
 on the run's ``draft`` artifact. Every new version gets the ``candidate`` alias; it takes
-``champion`` only if its evaluation was lossless and its tau beats the current champion's *on the
-same eval set* (same ``eval_set_hash``: prompts, target and decoding settings). A champion measured
-on another eval set is not compared and keeps the alias; the version's tags say why.
+``champion`` only if its evaluation was lossless and its weighted-summary tau beats the current
+champion's *on the same eval set* (same ``eval_set_hash``: every prompt set's tokens, names and
+weights, the engine, target and decoding settings). A champion measured on other sets or by
+another engine is not compared and keeps the alias; the version's ``gate`` tag says what was
+compared, or which of the two differed.
 
 Fetching a draft::
 
