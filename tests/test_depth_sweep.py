@@ -151,6 +151,7 @@ def test_sweep_of_a_dflash_draft(block_target):  # noqa: F811
     assert result["depth"]["tau"] == pytest.approx(live_taus(block_target, proposer, prompts))
 
 
+@pytest.mark.slow  # two spawned processes
 def test_two_worker_processes_give_the_in_process_result(bigram, tmp_path):  # noqa: F811
     """``evaluation.workers: 2`` splits the prompts over two processes; records, tau, alpha and
     the depth curve are those of one process (only wall times differ)."""
