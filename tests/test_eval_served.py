@@ -41,6 +41,9 @@ def test_a_missing_engine_interpreter_fails_with_one_line(tiny_target_dir, tmp_p
     prompts = PromptSet([EvalPrompt("p", [5, 6, 7])], {}, 1, name="x")
     with pytest.raises(ConfigError, match="'evaluation.python' /nowhere/python is not an exec"):
         evaluate_served(ev.evaluation, hf_dir, tiny_target_dir, [prompts], {2})
+    unset = load_config(None, ["evaluation.engine=vllm"]).evaluation
+    with pytest.raises(ConfigError, match="set 'evaluation.python'.*make vllm-venv"):
+        evaluate_served(unset, hf_dir, tiny_target_dir, [prompts], {2})
 
 
 @pytest.mark.slow

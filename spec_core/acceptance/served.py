@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -95,8 +94,14 @@ def evaluate_served(
     stop_ids: set[int],
 ) -> dict[str, dict[str, Any]]:
     """Per-set results measured by ``ev.engine`` (see the module docstring)."""
+    if ev.python is None:
+        raise ConfigError(
+            f"evaluation.engine {ev.engine} runs in the engine's own venv: set 'evaluation.python' "
+            f"(or 'inference.python') to its interpreter, e.g. .venv-vllm/bin/python from "
+            "`make vllm-venv`"
+        )
     job = engine_job(ev, hf_dir, target_dir, sets, stop_ids)
-    python = ev.python or sys.executable
+    python = ev.python
     with tempfile.TemporaryDirectory(prefix=f"specflow-{ev.engine}-eval-") as tmp:
         raw = run_worker(python, job, Path(tmp))
     return {s.name: set_result(s, raw, ev.num_draft_tokens) for s in sets}
