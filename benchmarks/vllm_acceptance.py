@@ -146,7 +146,8 @@ def main() -> int:
 
     eval_json = Path(args.eval_json) if args.eval_json else newest_eval_json(Path(args.outputs))
     ours = json.loads(eval_json.read_text())
-    records = ours["prompts"]
+    # per-set records (``sets``) since evaluation.prompts; one flat list before
+    records = ours.get("prompts") or [r for s in ours["sets"].values() for r in s["prompts"]]
     if not records or "prompt_ids" not in records[0]:
         raise SystemExit(f"error: {eval_json} has no per-prompt token ids; re-run the evaluation")
     settings = ours["settings"]

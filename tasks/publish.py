@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from spec_core.config import config_from_dict
 from spec_core.errors import ConfigError
 from spec_core.paths import RunPaths
+
+ACCEPTANCE_SETS_KEY = "acceptance-sets"
 
 
 def _run_paths(cfg: Any, run_dir: str) -> RunPaths:
@@ -90,7 +92,7 @@ def evaluate_acceptance(
     ``eval_data`` is the tokenized eval split; None = the cached split of the configured dataset.
     The per-prompt records stay in the JSON file; the returned dict is the summary.
     """
-    from spec_core.evaluate import evaluate_draft, summary_line
+    from spec_core.evaluate import evaluate_draft, summary_line, summary_only
 
     cfg = config_from_dict(config)
     paths = _run_paths(cfg, run_dir)
@@ -101,8 +103,12 @@ def evaluate_acceptance(
         eval_data = str(prepare_run_dataset(cfg, target_dir).eval_path)
     result = evaluate_draft(cfg, hf_dir, target_dir, eval_data, paths.eval_dir)
     get_run_logger().info("acceptance: %s", summary_line(result))
-    result.pop("prompts", None)
-    return result
+    create_table_artifact(
+        key=ACCEPTANCE_SETS_KEY,
+        table=result["sets_table"],
+        description="tau and alpha_k per prompt set, and their weighted summary",
+    )
+    return summary_only(result)
 
 
 @task(name="register_model", task_run_name="register-model")

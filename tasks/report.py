@@ -60,6 +60,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         ev = published["evaluation"]
         alpha = " ".join(f"{a:.3f}" for a in ev["alpha"])
         lines.append(f"acceptance: tau {ev['tau']:.3f}, alpha_k {alpha}")
+        for name, r in (ev.get("sets") or {}).items():
+            lines.append(f"  {name}: tau {r['tau']:.3f} on {r['num_prompts']} prompts")
     if published.get("registry"):
         reg = published["registry"]
         lines.append(f"registered: {reg['model_name']} v{reg['version']} {reg['aliases']}")
@@ -109,10 +111,13 @@ def summary_markdown(summary: dict[str, Any], throughput: list[dict[str, Any]]) 
         ev = published["evaluation"]
         parts += [
             "### Acceptance (real speculative decoding)",
-            f"tau **{ev['tau']:.3f}**, alpha_k "
+            f"weighted tau **{ev['tau']:.3f}**, alpha_k "
             + " ".join(f"{a:.3f}" for a in ev["alpha"])
-            + f", lossless {ev['lossless']}, wall speedup {ev['wall_speedup']:.2f}x",
+            + f", lossless {ev['lossless']}, wall speedup {ev['wall_speedup']:.2f}x "
+            + f"(engine {ev.get('engine', 'hf')})",
         ]
+        if ev.get("sets_table"):
+            parts.append(markdown_table(ev["sets_table"]))
     if published.get("registry"):
         reg = published["registry"]
         parts += [

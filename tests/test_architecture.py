@@ -31,7 +31,13 @@ FLOORS: list[tuple[str, ...]] = [
         "spec_core.registry",
         "spec_core.families",
     ),
-    ("spec_core.training", "spec_core.export", "spec_core.evaluate", "spec_core.dry_run"),
+    (
+        "spec_core.training",
+        "spec_core.export",
+        "spec_core.evaluate",
+        "spec_core.dry_run",
+        "spec_core.acceptance",
+    ),
     ("spec_core.streaming",),
 ]
 # Command-line entry points dispatch to every floor; they are imported by nothing of ours.

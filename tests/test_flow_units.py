@@ -128,7 +128,21 @@ def test_summary_lines_and_markdown_show_stages_perf_metrics_and_publish_results
     published, _ = summary(
         publish={
             "export": {"hf_dir": "/out/runs/r1/hf"},
-            "evaluation": {"tau": 1.8, "alpha": [0.6, 0.3], "lossless": True, "wall_speedup": 1.2},
+            "evaluation": {
+                "tau": 1.8,
+                "alpha": [0.6, 0.3],
+                "lossless": True,
+                "wall_speedup": 1.2,
+                "sets": {
+                    "first_turns": {"tau": 2.1, "num_prompts": 40},
+                    "humaneval": {"tau": 1.5, "num_prompts": 40},
+                },
+                "sets_table": [
+                    {"set": "first_turns", "tau": 2.1},
+                    {"set": "humaneval", "tau": 1.5},
+                    {"set": "summary (weighted)", "tau": 1.8},
+                ],
+            },
             "registry": {
                 "model_name": "m",
                 "version": "3",
@@ -141,6 +155,7 @@ def test_summary_lines_and_markdown_show_stages_perf_metrics_and_publish_results
     )
     text = "\n".join(summary_lines(published))
     assert "acceptance: tau 1.800, alpha_k 0.600 0.300" in text
+    assert "  humaneval: tau 1.500 on 40 prompts" in text
     assert "registered: m v3 ['candidate']" in text
     assert "draft (HF): /out/runs/r1/hf" in text
     assert "producers failed (tolerated): producer-1" in text
@@ -154,6 +169,7 @@ def test_summary_lines_and_markdown_show_stages_perf_metrics_and_publish_results
         "### Producer failures",
     ):
         assert heading in md
+    assert "| first_turns | 2.1 |" in md and "| summary (weighted) | 1.8 |" in md
 
 
 def test_log_tail_forwards_complete_lines_last_redraw_and_drops_glog_info(tmp_path: Path):

@@ -96,6 +96,66 @@ def test_champion_gate_on_measured_tau(published, monkeypatch, tmp_path):
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_gate_says_what_it_compared(published, monkeypatch, tmp_path):
+    """Same sets and engine: the reason names them; other sets or another engine: the champion
+    keeps its alias and the reason says which of the two differs."""
+    from spec_core.evaluate import PromptSet
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'out'}",
+            "registry.model_name=gated",
+            f"target.path={published['cfg'].target.path}",
+            "evaluation.max_new_tokens=8",
+        ],
+    )
+    target, drafts = published["cfg"].target.path, published["drafts"]
+    sets = [
+        PromptSet(prompts_for(2, seed=3), {}, 2, name="chat"),
+        PromptSet(prompts_for(1, seed=4), {}, 1, name="code", weight=0.5),
+    ]
+    two = {
+        name: evaluate_prompts(cfg.evaluation, drafts[name], target, sets)
+        for name in ("random", "trained")
+    }
+    assert set(two["trained"]["sets"]) == {"chat", "code"}
+    first = publish_run(cfg, "g-random", hf_dir=drafts["random"], evaluation=two["random"])
+    assert (
+        first["champion"]
+        and "chat(2 prompts, weight 1), code(1 prompts, weight 0.5)" in (first["gate_reason"])
+    )
+    better = publish_run(cfg, "g-trained", hf_dir=drafts["trained"], evaluation=two["trained"])
+    assert better["champion"] and better["gate_reason"].startswith("weighted tau 2.0000 beats")
+    assert (
+        "both on sets [chat(2 prompts" in better["gate_reason"]
+        and "engine hf" in (better["gate_reason"])
+    )
+    one_set = publish_run(
+        cfg, "g-one-set", hf_dir=drafts["trained"], evaluation=published["evals"]["trained"]
+    )
+    assert not one_set["champion"] and "cannot compare with champion v2" in one_set["gate_reason"]
+    assert "the prompt sets differ" in one_set["gate_reason"]
+    assert "engines differ" not in one_set["gate_reason"]
+    # The champion's tags name its sets and engine; one measured by another engine is refused.
+    client = client_for(cfg)
+    tags = client.get_model_version("gated", "2").tags
+    assert tags["eval_engine"] == "hf" and tags["prompt_sets"].startswith("chat(2 prompts")
+    assert json.loads(tags["tau_per_set"]) == {"chat": 2.0, "code": 2.0}
+    client.set_model_version_tag("gated", "2", "eval_engine", "vllm")
+    client.set_model_version_tag("gated", "2", "eval_set_hash", "measured-by-vllm")
+    again = publish_run(cfg, "g-again", hf_dir=drafts["trained"], evaluation=two["trained"])
+    assert not again["champion"] and "the engines differ" in again["gate_reason"]
+    assert "prompt sets differ" not in again["gate_reason"]
+    assert str(client.get_model_version_by_alias("gated", "champion").version) == "2"
+    metrics = client.get_run(better["run_id"]).data.metrics
+    assert metrics["acceptance/code/tau"] == pytest.approx(2.0)
+    assert metrics["acceptance/chat/alpha_1"] == pytest.approx(1.0)
+    depth = client.get_metric_history(better["run_id"], "acceptance/tau_by_depth")
+    assert [m.step for m in depth] == list(range(1, cfg.evaluation.sweep_depth + 1))
+
+
 def test_run_holds_params_curves_perf_artifacts_and_tags(published, tmp_path):
     cfg = load_config(
         None,
@@ -226,6 +286,7 @@ def test_publish_tasks_in_the_publish_flow(published, prefect_server, asset_cach
             f"target.path={published['cfg'].target.path}",
             "evaluation.num_prompts=2",
             "evaluation.max_new_tokens=8",
+            "evaluation.prompts=[{source: held_out}, {source: humaneval, num_prompts: 1}]",
             "dataset.max_conversations=16",
             "dataset.eval_conversations=3",
             "dataset.num_proc=1",
@@ -253,9 +314,13 @@ def test_publish_tasks_in_the_publish_flow(published, prefect_server, asset_cach
     evaluation = out["evaluation"]
     assert evaluation["lossless"] and evaluation["tau"] == pytest.approx(2.0)
     assert evaluation["dataset_hash"] == data.cache_key and "prompts" not in evaluation
-    assert (run_dir / "eval" / "acceptance.json").is_file() and (
-        run_dir / "eval" / "acceptance.png"
-    ).is_file()
+    assert set(evaluation["sets"]) == {"held_out", "humaneval"}
+    assert all("prompts" not in r for r in evaluation["sets"].values())
+    assert evaluation["sets"]["humaneval"]["tau"] == pytest.approx(2.0)
+    for name in ("acceptance.json", "acceptance.png", "depth_sweep.png", "acceptance_sets.json"):
+        assert (run_dir / "eval" / name).is_file(), name
+    sets_table = Artifact.get("acceptance-sets")
+    assert sets_table is not None and "humaneval" in sets_table.data
     registry = out["registry"]
     assert (
         registry["version"] == "1"
@@ -264,5 +329,7 @@ def test_publish_tasks_in_the_publish_flow(published, prefect_server, asset_cach
     )
     tags = client_for(cfg).get_model_version("flowed", "1").tags
     assert tags["dataset_hash"] == data.cache_key and tags["specflow.run_id"] == "flow-run"
+    logged = {a.path for a in client_for(cfg).list_artifacts(registry["run_id"], "eval")}
+    assert {"eval/acceptance_sets.json", "eval/depth_sweep.png"} <= logged
     artifact = Artifact.get("mlflow-registration")
     assert artifact is not None and "flowed v1" in artifact.data and "champion" in artifact.data

@@ -71,11 +71,7 @@ def load_conversations(
     locations: list[str] = []
     ids = UniqueIds()
     bar = tqdm(desc="loading", unit=" conv", disable=not progress, leave=False)
-    items = (
-        item
-        for source in sources
-        for item in _read_source(source, _display_name(path, source), max_record_bytes)
-    )
+    items = read_records(path, max_record_bytes)
     try:
         for location, record in items:
             if limit is not None and len(conversations) >= limit:
@@ -145,6 +141,14 @@ def check_shape(record: Any, max_bytes: int) -> None:
             size += len(value) if isinstance(value, (str, bytes)) else 8
         if size > max_bytes:
             raise _too_large(max_bytes)
+
+
+def read_records(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Item]:
+    """(location, raw record) of every record under ``path``, in ``load_conversations`` order;
+    unreadable pieces come as ``InvalidRecord`` (for callers whose records are not chats)."""
+    path = Path(path)
+    for source in data_sources(path):
+        yield from _read_source(source, _display_name(path, source), max_record_bytes)
 
 
 def data_sources(path: Path) -> list[Path]:

@@ -112,6 +112,17 @@ class RegenResult:
         )
 
 
+def regenerated_source(path: str | Path) -> Optional[Path]:
+    """The dataset a regenerated ``conversations.jsonl`` was made from (its manifest names it),
+    or None when ``path`` is no regeneration output: evaluation reads held-out conversations'
+    later turns there, which ``max_turns`` cut from the regenerated copy."""
+    path = Path(path)
+    manifest = path.parent / MANIFEST
+    if path.name != OUTPUT or not manifest.is_file():
+        return None
+    return Path(json.loads(manifest.read_text())["source"]["path"])
+
+
 # ----------------------------------------------------------------------------- cache key
 
 
