@@ -61,10 +61,11 @@ from tasks.services import start_services, stop_services
 
 
 class StageClock:
-    """Wall time of each stage, in order, for the summary."""
+    """Wall time of each stage, in order, for the summary; one log line per stage that succeeds."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: Any = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.logger = logger
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -73,6 +74,8 @@ class StageClock:
             yield
         finally:
             self.seconds[name] = round(time.monotonic() - start, 2)
+        if self.logger is not None:
+            self.logger.info("stage %s done in %.1fs", name, self.seconds[name])
 
 
 async def cached(task: Any, config: dict[str, Any], *args: Any, outputs: tuple[str, ...]):
@@ -208,7 +211,7 @@ async def speculative_training(
     (local | deployments) overrides ``orchestration.mode``. Returns the run summary."""
     logger = get_run_logger()
     started = time.monotonic()
-    stage = StageClock()
+    stage = StageClock(logger)
     cfg = resolve(config_path, list(overrides or []), mode)
     paths = RunPaths.from_config(cfg)
     save_config(cfg, paths.config_file)

@@ -175,7 +175,8 @@ class TrainingConfig:
     max_checkpoints: int = 3
     resume_from: Optional[str] = None  # checkpoint dir (or run dir) to resume exactly
     continual_from: Optional[str] = None  # checkpoint to load weights from, fresh optimizer
-    log_interval: int = 1
+    log_interval: int = 1  # steps between metrics.jsonl records (and live MLflow points)
+    print_interval: int = 50  # steps between console lines (with rate and ETA); evals always print
     cpu_threads: Optional[int] = None  # torch threads per trainer process (CPU); None = default
 
 
