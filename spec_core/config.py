@@ -478,6 +478,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def field_descriptions(section: type) -> dict[str, str]:
+    """Each field's comment in this file (trailing, or the comment lines right above it): the one
+    description of a config key, which the Prefect run form shows next to the field."""
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(section)
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            alone = not tok.line[: tok.start[1]].strip()
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), alone)
+    lines = source.splitlines()
+    names = {f.name for f in dataclasses.fields(section)}
+    out = {}
+    for number, line in enumerate(lines, start=1):
+        head = line.strip().split(":", 1)[0]
+        if head not in names or not line.startswith("    ") or line.startswith("     "):
+            continue
+        above = []
+        previous = number - 1
+        while previous in comments and comments[previous][1]:
+            above.insert(0, comments[previous][0])
+            previous -= 1
+        trailing = comments.get(number, ("", True))
+        text = " ".join(above + ([trailing[0]] if not trailing[1] else []))
+        if text:
+            out[head] = text
+    return out
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

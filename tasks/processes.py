@@ -105,14 +105,19 @@ def stop_all_owned(flow: Any, flow_run: Any, state: Any) -> None:
     OWNED.stop_all()
 
 
-def process_owning_flow(stop: Callable[[Any, Any, Any], None], **options: Any) -> Any:
+def process_owning_flow(
+    stop: Callable[[Any, Any, Any], None],
+    extra_hooks: tuple[Callable[[Any, Any, Any], None], ...] | list = (),
+    **options: Any,
+) -> Any:
     """``@flow`` for a run that starts processes: its JSON result persisted, and ``stop`` (one of
-    the hooks above) run on failure, cancellation and crash alike."""
+    the hooks above), then ``extra_hooks``, run on failure, cancellation and crash alike."""
+    hooks = [stop, *extra_hooks]
     return flow(
         persist_result=True,
         result_serializer="json",
-        on_failure=[stop],
-        on_cancellation=[stop],
-        on_crashed=[stop],
+        on_failure=hooks,
+        on_cancellation=hooks,
+        on_crashed=hooks,
         **options,
     )
