@@ -188,6 +188,9 @@ def _find_or_create_run(client: Any, experiment_id: str, run_name: str) -> str:
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 UI: which view an experiment opens in
 EXPERIMENT_KIND = "custom_model_development"  # the classic model-training view (not GenAI)
+# MLflow 3.17's UI picks GenAI or model training per user (a sidebar toggle, default GenAI); this
+# query on our links opens the model-training view whatever the toggle says.
+UI_VIEW = "?workflowType=machine_learning"
 FLOW_RUN_TAG = "specflow.flow_run_id"
 _SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|token|api_?key|auth\w*|credentials?)($|_)")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s?#]+@")
@@ -638,13 +641,13 @@ def _register_version(
 def _run_url(settings: TrackingSettings, experiment_id: str, run_id: str) -> Optional[str]:
     if settings.ui_url is None:
         return None
-    return f"{settings.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{settings.ui_url}/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
 
 
 def _version_url(settings: TrackingSettings, name: str, version: str) -> Optional[str]:
     if settings.ui_url is None:
         return None
-    return f"{settings.ui_url}/#/models/{name}/versions/{version}"
+    return f"{settings.ui_url}/#/models/{name}/versions/{version}{UI_VIEW}"
 
 
 # ----------------------------------------------------------------------------- fetch
