@@ -37,7 +37,7 @@ pytestmark = [
 
 CHROMIUM = os.environ.get("SPECFLOW_CHROMIUM", "/usr/bin/chromium")
 RUN_ID = "browser"
-STEPS = 500
+STEPS = 150
 MODEL = "tiny-browser-eagle3"
 PAGE_TIMEOUT_MS = 90_000
 
@@ -186,6 +186,21 @@ def test_prefect_and_mlflow_uis_show_the_live_run(tmp_path, tiny_target_dir, mon
             shutil.copy2(shot, Path(copy) / shot.name)
 
 
+def wait_text(page, *texts: str, shot: Path) -> None:
+    """Wait until the rendered page (``innerText``: visible text only) holds every text, case
+    aside; on a timeout keep a screenshot of what the page showed (``shot``) and fail."""
+    wanted = [t.lower() for t in texts]
+    try:
+        page.wait_for_function(
+            "(wanted) => wanted.every(t => document.body.innerText.toLowerCase().includes(t))",
+            arg=wanted,
+            timeout=PAGE_TIMEOUT_MS * 2,
+        )
+    except Exception:
+        page.screenshot(path=str(shot.with_name(shot.stem + "-FAILED.png")), full_page=True)
+        raise AssertionError(f"{page.url} never showed {texts}") from None
+
+
 def finished(flow_run_id):
     run = flow_run(flow_run_id)
     return run if run.state is not None and run.state.is_final() else None
@@ -206,12 +221,15 @@ def check_mlflow_curves_during_training(page, tracking, run_dir: Path, shots: Pa
     experiment = tracking.get_run(run_id).info.experiment_id
     view = "?workflowType=machine_learning"  # MLflow's model-training view (see registry.py)
     url = f"{page_base(tracking)}/#/experiments/{experiment}/runs/{run_id}/model-metrics{view}"
+    shots.mkdir(parents=True, exist_ok=True)
+    shot = shots / "mlflow-training-curves.png"
     page.goto(url)
-    page.get_by_text("(train/loss)").first.wait_for()  # the loss chart's legend
+    # the page draws only the charts in view (23 of them): filter to the loss curves first
+    page.get_by_placeholder("Search metric charts").fill("loss", timeout=PAGE_TIMEOUT_MS * 2)
+    wait_text(page, "(train/loss)", shot=shot)  # the chart's legend
     close_assistant(page)
     page.wait_for_timeout(3000)  # let the charts draw
-    shots.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shots / "mlflow-training-curves.png"))
+    page.screenshot(path=str(shot))
     return {"run_id": run_id, "points": points(), "status": tracking.get_run(run_id).info.status}
 
 
@@ -232,32 +250,37 @@ def page_base(tracking) -> str:
 
 
 def check_prefect_run_page(page, ui: str, flow_run_id, shots: Path) -> None:
-    """The parent's page: its graph with the children, then the artifacts tab."""
+    """The parent's page: its run graph (children and artifacts on a canvas), then the
+    generation/training/publish children and the artifacts in their tabs."""
+    shot = shots / "prefect-run-graph.png"
     page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
-    page.get_by_text(RUN_ID, exact=True).first.wait_for()
-    page.wait_for_timeout(4000)  # the run graph draws on a canvas
-    page.get_by_role("tab", name="Subflow Runs").click()
-    for child in ("producer-0", "trainer-node-0", "publish"):
-        page.get_by_text(child, exact=True).first.wait_for()
-    page.screenshot(path=str(shots / "prefect-run-children.png"), full_page=True)
-    page.get_by_role("tab", name="Artifacts").click()
-    for key in ("run-summary", "training-metrics"):
-        page.get_by_text(key).first.wait_for()
-    page.screenshot(path=str(shots / "prefect-run-artifacts.png"), full_page=True)
+    wait_text(page, RUN_ID, "completed", "subflow runs", shot=shot)
+    page.wait_for_timeout(5000)  # the run graph draws on a canvas
+    page.screenshot(path=str(shot))
+    shot = shots / "prefect-run-children.png"
+    page.get_by_text("Subflow Runs", exact=True).first.click()
+    wait_text(page, "producer-0", "trainer-node-0", "publish", shot=shot)
+    page.screenshot(path=str(shot), full_page=True)
+    shot = shots / "prefect-run-artifacts.png"
+    page.get_by_text("Artifacts", exact=True).first.click()
+    wait_text(page, "run-summary", "pipeline-throughput", "generation-progress", shot=shot)
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(shot), full_page=True)
 
 
 def check_prefect_run_form(page, ui: str, deployment_id, shots: Path) -> None:
     """The pipeline deployment's custom run form shows the config sections as typed fields."""
+    shot = shots / "prefect-run-form.png"
     page.goto(f"{ui}/deployments/deployment/{deployment_id}/run")
-    page.get_by_text("Config Path").first.wait_for()
-    page.get_by_text("Settings").first.wait_for()
-    page.wait_for_timeout(2000)
-    page.screenshot(path=str(shots / "prefect-run-form.png"), full_page=True)
+    wait_text(page, "config path", "overrides", "settings", shot=shot)
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(shot), full_page=True)
 
 
 def check_mlflow_model_page(page, mlflow_ui: str, shots: Path) -> None:
+    shot = shots / "mlflow-model-champion.png"
     page.goto(f"{mlflow_ui}/#/models/{MODEL}?workflowType=machine_learning")
-    page.get_by_text("champion").first.wait_for()
+    wait_text(page, MODEL, "champion", shot=shot)
     close_assistant(page)
     page.wait_for_timeout(2000)
-    page.screenshot(path=str(shots / "mlflow-model-champion.png"), full_page=True)
+    page.screenshot(path=str(shot), full_page=True)
