@@ -272,7 +272,7 @@ def check_prefect_run_form(page, ui: str, deployment_id, shots: Path) -> None:
     """The pipeline deployment's custom run form shows the config sections as typed fields."""
     shot = shots / "prefect-run-form.png"
     page.goto(f"{ui}/deployments/deployment/{deployment_id}/run")
-    wait_text(page, "config path", "overrides", "settings", shot=shot)
+    wait_text(page, "config_path", "overrides", "settings", "training", shot=shot)
     page.wait_for_timeout(3000)
     page.screenshot(path=str(shot), full_page=True)
 
