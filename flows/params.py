@@ -58,7 +58,8 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def _form_model(section: type, dotted: str) -> type[BaseModel]:
-    """All keys of one config section, optional (empty = the preset's value)."""
+    """All keys of one config section, optional (empty = the preset's value); a nested
+    section is always there (its own fields empty), so the form shows every field at once."""
     hints = typing.get_type_hints(section, vars(config_module))
     notes = field_descriptions(section)
     fields: dict[str, Any] = {}
@@ -67,7 +68,8 @@ def _form_model(section: type, dotted: str) -> type[BaseModel]:
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             kind = _form_model(kind, key)
-            description = (kind.__doc__ or "").strip()
+            fields[f.name] = (kind, Field(default_factory=kind, description=kind.__doc__))
+            continue
         else:
             if key in CHOICES:
                 kind = Literal[CHOICES[key]]  # type: ignore[valid-type]
@@ -89,10 +91,10 @@ def _form_model(section: type, dotted: str) -> type[BaseModel]:
 
 def _config_form() -> type[BaseModel]:
     hints = typing.get_type_hints(Config, vars(config_module))
-    fields = {
-        f.name: (Optional[_form_model(hints[f.name], f.name)], Field(None))
-        for f in dataclasses.fields(Config)
-    }
+    fields = {}
+    for f in dataclasses.fields(Config):
+        section = _form_model(hints[f.name], f.name)
+        fields[f.name] = (section, Field(default_factory=section))
     return create_model(
         "ConfigForm",
         __config__=ConfigDict(extra="forbid"),

@@ -230,7 +230,7 @@ async def speculative_training(
     config_path: str = PRESET,
     overrides: Optional[list[Override]] = None,
     mode: Optional[Mode] = None,
-    settings: Optional[ConfigForm] = None,
+    settings: ConfigForm = ConfigForm(),  # noqa: B008 - a pydantic model, never mutated
 ) -> dict[str, Any]:
     """Train a draft end to end. ``config_path`` is a YAML preset; ``settings`` (the form's
     config sections; empty fields keep the preset's values), then ``overrides``
