@@ -15,7 +15,8 @@ NETNS := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_CUDA),gpu,cpu),dev,evalsets
 
-.PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check gpu-check clean
+.PHONY: bootstrap demo test test-fast lint serve stop vllm-venv vllm-test vllm-check gpu-check \
+	browser-test clean
 
 bootstrap: $(STAMP)
 
@@ -56,6 +57,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(PY) -m pytest -q -ra -m "not slow and not gpu" $(ARGS)'
+
+# The Prefect and MLflow UIs in headless Chromium after a short deployments-mode run on the local
+# stack (tests/test_ui_browser.py, a few minutes; opt-in, not part of `make test`). Installs
+# Debian's chromium and Playwright for Python (driven against /usr/bin/chromium: Playwright's own
+# browser download is not needed). DOCS=1 also refreshes the screenshots in docs/screenshots.
+CHROMIUM ?= /usr/bin/chromium
+browser-test: $(STAMP)
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "[browser-test] apt-get install -y chromium"; \
+	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null; \
+	  else echo "[browser-test] please run: sudo apt-get install -y chromium"; exit 1; fi; }
+	@$(PY) -c "import playwright" 2>/dev/null || \
+	  (echo "[browser-test] pip install .[browser]" && $(PIP) install -q -e ".[browser]" 2>&1 | grep -v "is ignored" || true)
+	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; SPECFLOW_BROWSER_TEST=1 SPECFLOW_CHROMIUM=$(CHROMIUM) \
+	  $(if $(DOCS),SPECFLOW_SCREENSHOT_DIR=$(abspath docs/screenshots)) \
+	  $(PY) -m pytest -q -ra tests/test_ui_browser.py $(ARGS)'
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -35,6 +35,14 @@ from prefect.settings import (
 
 from flows.children import await_deployment_run, deployment_child
 from flows.generate import hidden_state_generation
+from flows.params import (
+    PRESET,
+    ConfigForm,
+    Mode,
+    Override,
+    config_for_parameters,
+    pipeline_overrides,
+)
 from flows.publish import publish
 from flows.train import draft_training
 from spec_core.config import Config, config_to_dict, load_config, save_config
@@ -43,6 +51,7 @@ from spec_core.data.regenerate import RegenResult
 from spec_core.errors import SpecflowError
 from spec_core.metrics import pipeline_perf
 from spec_core.paths import RunPaths
+from spec_core.registry import follow_metrics
 from spec_core.streaming.supervisor import Child, coroutine_child, run_concurrently
 from spec_core.transfer.services import ServiceAddresses
 from spec_core.utils.cli import run_main
@@ -58,13 +67,15 @@ from tasks.processes import process_owning_flow, stop_all_owned
 from tasks.regenerate import regenerate_responses
 from tasks.report import GENERATION_PROGRESS_KEY, report_pipeline, summary_lines
 from tasks.services import start_services, stop_services
+from tasks.tracking import close_mlflow_run, close_on_failure, open_mlflow_run
 
 
 class StageClock:
-    """Wall time of each stage, in order, for the summary."""
+    """Wall time of each stage, in order, for the summary; one log line per stage that succeeds."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: Any = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.logger = logger
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -73,6 +84,8 @@ class StageClock:
             yield
         finally:
             self.seconds[name] = round(time.monotonic() - start, 2)
+        if self.logger is not None:
+            self.logger.info("stage %s done in %.1fs", name, self.seconds[name])
 
 
 async def cached(task: Any, config: dict[str, Any], *args: Any, outputs: tuple[str, ...]):
@@ -87,9 +100,14 @@ async def cached(task: Any, config: dict[str, Any], *args: Any, outputs: tuple[s
     return result, state.name
 
 
-def resolve(config_path: Optional[str], overrides: list[str], mode: Optional[str]) -> Config:
+def resolve(
+    config_path: Optional[str],
+    overrides: list[str],
+    mode: Optional[str],
+    settings: Optional[Any] = None,
+) -> Config:
     """The run's config with its run id and absolute output dir fixed, so children agree."""
-    cfg = load_config(config_path, overrides + ([f"orchestration.mode={mode}"] if mode else []))
+    cfg = load_config(config_path, pipeline_overrides(overrides, mode, settings))
     paths = RunPaths.from_config(cfg)
     cfg.run.run_id, cfg.run.output_dir = paths.run_id, str(paths.output_dir)
     return cfg
@@ -212,23 +230,36 @@ async def run_publish(cfg: Config, config: dict[str, Any], **params: Any) -> dic
     return await state.aresult()
 
 
-@process_owning_flow(stop_all_owned, name="speculative-training")
+def close_tracking(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook (failure, cancellation, crash): the MLflow run ends FAILED or KILLED."""
+    close_on_failure(config_for_parameters, flow_run, state)
+
+
+@process_owning_flow(
+    stop_all_owned,
+    name="speculative-training",
+    extra_hooks=[close_tracking],
+)
 async def speculative_training(
-    config_path: Optional[str] = "configs/smollm2-chitchat.yaml",
-    overrides: Optional[list[str]] = None,
-    mode: Optional[str] = None,
+    config_path: str = PRESET,
+    overrides: Optional[list[Override]] = None,
+    mode: Optional[Mode] = None,
+    settings: ConfigForm = ConfigForm(),  # noqa: B008 - a pydantic model, never mutated
 ) -> dict[str, Any]:
-    """Train a draft end to end; ``overrides`` are ``section.key=value`` strings, ``mode``
-    (local | deployments) overrides ``orchestration.mode``. Returns the run summary."""
+    """Train a draft end to end. ``config_path`` is a YAML preset; ``settings`` (the form's
+    config sections; empty fields keep the preset's values), then ``overrides``
+    (``section.key=value``), then ``mode`` (local | deployments) change it. Returns the run
+    summary."""
     logger = get_run_logger()
     started = time.monotonic()
-    stage = StageClock()
-    cfg = resolve(config_path, list(overrides or []), mode)
+    stage = StageClock(logger)
+    cfg = resolve(config_path, list(overrides or []), mode, settings)
     paths = RunPaths.from_config(cfg)
     save_config(cfg, paths.config_file)
     logger.info("run %s (%s mode): %s", paths.run_id, cfg.orchestration.mode, paths.run_dir)
     await name_this_run(paths.run_id)
     config = config_to_dict(cfg)
+    tracking = open_mlflow_run(config, paths.run_id, str(get_run_context().flow_run.id))
     with stage("target"):
         target_dir = resolve_target(config)
     cache_states = {}
@@ -255,6 +286,7 @@ async def speculative_training(
     num_train = int(data["report"]["train_samples"])
     with stage("services"):
         services = start_services(config, str(paths.run_dir), num_train)
+    live = None
     try:
         queue = ServiceAddresses.from_dict(services).connect_queue(cfg.transfer.connect_timeout_s)
         plan = queue.plan(cfg.transfer.connect_timeout_s)
@@ -268,11 +300,15 @@ async def speculative_training(
             description=f"samples generated of the {needed} training needs",
         )
 
+        live = follow_metrics(cfg, paths.run_id) if tracking else None
+
         async def update_progress() -> None:
             done = queue.produced()
             await aupdate_progress_artifact(
                 artifact_id=progress, progress=min(100.0, 100.0 * done / max(needed, 1))
             )
+            if live is not None:  # x axis: seconds since the pipeline started
+                live.log({"pipeline/samples_produced": done}, int(time.monotonic() - started))
 
         with stage("generate+train"):
             producers, trainers = await start_children(
@@ -289,6 +325,8 @@ async def speculative_training(
         await update_progress()
     finally:
         stop_services(cfg.run.run_id)
+        if live is not None:
+            live.close()
     node0 = outcome.trainers[0]
     perf = pipeline_perf(outcome.producers, node0["perf"])
     published = None
@@ -306,6 +344,7 @@ async def speculative_training(
             )
     summary = {
         "run_id": paths.run_id,
+        "mlflow": tracking,
         "run_dir": str(paths.run_dir),
         "mode": cfg.orchestration.mode,
         "flow_run_id": str(get_run_context().flow_run.id),
@@ -324,6 +363,7 @@ async def speculative_training(
         "publish": published,
     }
     report_pipeline(summary, perf.rows())
+    close_mlflow_run(cfg, paths.run_id, perf.to_dict())
     return summary
 
 

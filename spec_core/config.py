@@ -192,7 +192,8 @@ class TrainingConfig:
     # resume even though the checkpoint was trained on other data or planned another step count
     # (its dataset fingerprint / total steps differ from this run's); off = refuse with one line
     resume_accept_mismatch: bool = False
-    log_interval: int = 1
+    log_interval: int = 1  # steps between metrics.jsonl records (and live MLflow points)
+    print_interval: int = 50  # steps between console lines (with rate and ETA); evals always print
     cpu_threads: Optional[int] = None  # torch threads per trainer process (CPU); None = default
     # torchrun restarts all ranks this often after a rank dies (crash, OOM kill) and they resume
     # from the run's latest checkpoint; a user error (exit 2) is not retried. Single-node,
@@ -662,6 +663,38 @@ def _typed(merged: Any, source: str) -> Config:
     _check_consistency(cfg)
     _check_secrets(cfg)
     return cfg
+
+
+def field_descriptions(section: type) -> dict[str, str]:
+    """Each field's comment in this file (trailing, or the comment lines right above it): the one
+    description of a config key, which the Prefect run form shows next to the field."""
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(section)
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            alone = not tok.line[: tok.start[1]].strip()
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), alone)
+    lines = source.splitlines()
+    names = {f.name for f in dataclasses.fields(section)}
+    out = {}
+    for number, line in enumerate(lines, start=1):
+        head = line.strip().split(":", 1)[0]
+        if head not in names or not line.startswith("    ") or line.startswith("     "):
+            continue
+        above = []
+        previous = number - 1
+        while previous in comments and comments[previous][1]:
+            above.insert(0, comments[previous][0])
+            previous -= 1
+        trailing = comments.get(number, ("", True))
+        text = " ".join(above + ([trailing[0]] if not trailing[1] else []))
+        if text:
+            out[head] = text
+    return out
 
 
 def config_to_dict(cfg: Config, keep_secrets: bool = False) -> dict[str, Any]:

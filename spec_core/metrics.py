@@ -222,3 +222,46 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join("" if row[k] is None else str(row[k]) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def plot_training(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """The curves as PNGs for a run's artifacts: ``loss_curves.png`` (train and eval loss, eval
+    tau_sim) and ``per_position_accuracy.png`` (last train step vs final eval, per position)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("split") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("split") == "eval" and r.get("loss") is not None]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    left.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    left.set(xlabel="step", ylabel="loss", title="loss")
+    left.legend(fontsize=8)
+    right.plot([r["step"] for r in train], [r.get("tau_sim") for r in train], label="train")
+    right.plot([r["step"] for r in evals], [r.get("tau_sim") for r in evals], "o-", label="eval")
+    right.set(xlabel="step", ylabel="simulated tau", title="tau_sim")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "loss_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    rows = per_position_accuracy(train[-1] if train else None, evals[-1] if evals else None)
+    if rows:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        xs = [r["position"] for r in rows]
+        for offset, key in ((-0.2, "train_acc"), (0.2, "eval_acc")):
+            values = [r[key] or 0.0 for r in rows]
+            ax.bar([x + offset for x in xs], values, width=0.4, label=key.replace("_", " "))
+        ax.set(xlabel="draft position k", ylabel="top-1 accuracy", ylim=(0, 1), xticks=xs)
+        ax.set_title("per-position accuracy")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "per_position_accuracy.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -46,6 +46,15 @@ class RunPaths:
         return self.run_dir / "metrics.jsonl"
 
     @property
+    def mlflow_run_file(self) -> Path:
+        """The run's MLflow run id and how much of metrics.jsonl MLflow has (a resume reuses it)."""
+        return self.run_dir / "mlflow_run.json"
+
+    @property
+    def plot_dir(self) -> Path:
+        return self.run_dir / "plots"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 

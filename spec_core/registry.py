@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from typing import Any, Optional
 
 from spec_core.config import Config, RegistryConfig
 from spec_core.errors import ConfigError, ServiceError
+from spec_core.metrics import plot_training, read_records
 from spec_core.paths import RunPaths
+from spec_core.utils.files import atomic_write_json
 from spec_core.utils.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -115,8 +118,13 @@ def curve_metrics(metrics_file: Optional[str | Path]) -> list[tuple[str, float, 
     """(key, value, step) of every train/eval record in the trainer's ``metrics.jsonl``."""
     if metrics_file is None or not Path(metrics_file).is_file():
         return []
+    return curve_points(Path(metrics_file).read_text(encoding="utf-8").splitlines())
+
+
+def curve_points(lines: Iterable[str]) -> list[tuple[str, float, int]]:
+    """(key, value, step) of the train/eval records among ``metrics.jsonl`` lines."""
     points = []
-    for line in Path(metrics_file).read_text(encoding="utf-8").splitlines():
+    for line in lines:
         if not line.strip():
             continue
         record = json.loads(line)
@@ -225,6 +233,228 @@ def _find_or_create_run(client: Any, experiment_id: str, run_name: str) -> str:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_ID_TAG: run_name})
     return run.info.run_id
+
+
+# ----------------------------------------------------------------------------- live run
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 UI: which view an experiment opens in
+EXPERIMENT_KIND = "custom_model_development"  # the classic model-training view (not GenAI)
+# MLflow 3.17's UI picks GenAI or model training per user (a sidebar toggle, default GenAI); this
+# query on our links opens the model-training view whatever the toggle says.
+UI_VIEW = "?workflowType=machine_learning"
+FLOW_RUN_TAG = "specflow.flow_run_id"
+
+
+def _paths(cfg: Config, run_id: str) -> RunPaths:
+    return RunPaths(Path(cfg.run.output_dir).expanduser().resolve(), run_id)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _experiment(client: Any, settings: TrackingSettings, name: str) -> str:
+    try:
+        experiment_id = _experiment_id(client, name, settings.artifact_location)
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except Exception as exc:
+        raise ServiceError(
+            f"MLflow tracking at {redact_text(settings.tracking_uri)} is unusable: "
+            f"{redact_text(str(exc).splitlines()[0])}; check 'registry.tracking_uri'"
+        ) from None
+    return experiment_id
+
+
+def open_run(cfg: Config, run_id: str, flow_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Open the pipeline's MLflow run when the pipeline starts, or find it again on resume.
+
+    The run's id is kept in the run dir (``mlflow_run.json``), so a resumed pipeline (same
+    ``run.run_id``) continues the same MLflow run and its curves. The resolved config (redacted)
+    goes in as params and ``run/config.yaml`` now, so a run that fails is still documented.
+    """
+    from spec_core.config import config_to_dict
+
+    settings = settings_for(cfg)
+    client = _client(settings)
+    experiment_id = _experiment(client, settings, cfg.registry.experiment)
+    state_file = _paths(cfg, run_id).mlflow_run_file
+    state = _read_state(state_file)
+    mlflow_run = state.get("mlflow_run_id")
+    try:
+        if mlflow_run and client.get_run(mlflow_run).info.lifecycle_stage != "active":
+            mlflow_run = None
+    except Exception as exc:
+        if not _is_missing(exc):
+            raise
+        mlflow_run = None
+    if not mlflow_run:
+        mlflow_run = _find_or_create_run(client, experiment_id, run_id)
+        state = {"mlflow_run_id": mlflow_run, "metrics_offset": 0}
+    client.update_run(mlflow_run, status="RUNNING")
+    if flow_run_id:
+        client.set_tag(mlflow_run, FLOW_RUN_TAG, flow_run_id)
+    redacted = config_to_dict(cfg)  # secrets stay ${oc.env:...} references or are masked
+    _log_params(client, mlflow_run, flatten(redacted))
+    client.log_text(mlflow_run, _yaml(redacted), "run/config.yaml")
+    state.update(experiment_id=experiment_id, tracking_uri=redact_text(settings.tracking_uri))
+    atomic_write_json(state_file, state, indent=2, sort_keys=True)
+    log.info("MLflow run %s (%s)", mlflow_run, redact_text(settings.tracking_uri))
+    return {
+        "run_id": mlflow_run,
+        "experiment_id": experiment_id,
+        "run_url": _run_url(settings, experiment_id, mlflow_run),
+        "tracking_uri": redact_text(settings.tracking_uri),
+    }
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def live_run_id(cfg: Config, run_id: str) -> Optional[str]:
+    """The MLflow run ``open_run`` opened for this pipeline run (None: not tracked live)."""
+    return _read_state(_paths(cfg, run_id).mlflow_run_file).get("mlflow_run_id")
+
+
+def close_run(
+    cfg: Config, run_id: str, status: str, scalars: Optional[dict[str, float]] = None
+) -> Optional[str]:
+    """End the live run with ``status`` (FINISHED | FAILED | KILLED); ``scalars`` (one value per
+    run: pipeline throughput, ...) become tags. Returns the MLflow run id, None if untracked."""
+    mlflow_run = live_run_id(cfg, run_id)
+    if mlflow_run is None:
+        return None
+    client = _client(settings_for(cfg))
+    if scalars:
+        _log_scalars(client, mlflow_run, scalars)
+    client.set_terminated(mlflow_run, status)
+    return mlflow_run
+
+
+def close_runs_of_flow_run(cfg: Config, flow_run_id: str, status: str) -> list[str]:
+    """End every still-running MLflow run a Prefect flow run opened (its failure/cancel hook
+    knows the flow run, not the specflow run id)."""
+    settings = settings_for(cfg)
+    client = _client(settings)
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in runs]
+
+
+def _log_scalars(client: Any, mlflow_run: str, scalars: dict[str, float]) -> None:
+    """One value per run (acceptance, throughput) as tags ``<group>.<name>``: the run page shows
+    them with the run, not as single-point charts among the training curves."""
+    for key, value in scalars.items():
+        client.set_tag(mlflow_run, key.replace("/", "."), f"{float(value):.6g}")
+
+
+class MetricsFollower:
+    """Sends a run's metrics to its MLflow run from a background thread, never from a step.
+
+    The trainer's ``metrics.jsonl`` (rank 0, one flushed line per record) is the buffer: each
+    round reads from the offset MLflow last accepted and sends the new records in batches; while
+    the tracking server is away the rounds fail and the points wait in the file. The offset lives
+    in the run dir, so a resumed run continues the curves instead of sending them twice. ``log``
+    queues extra points (producer and pipeline figures) the same way, in memory.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_id: str,
+        mlflow_run: str,
+        metrics_file: Optional[str | Path] = None,
+        interval_s: float = 5.0,
+    ) -> None:
+        self.settings = settings_for(cfg)
+        self.mlflow_run = mlflow_run
+        self.metrics_file = Path(metrics_file) if metrics_file is not None else None
+        self.state_file = _paths(cfg, run_id).mlflow_run_file
+        self.interval_s = interval_s
+        self.failures = 0
+        self._pending: list[tuple[str, float, int]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._client: Any = None
+
+    def start(self) -> MetricsFollower:
+        self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        with self._lock:
+            self._pending += [(k, float(v), int(step)) for k, v in values.items()]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush_once()
+
+    def flush_once(self, strict: bool = False) -> int:
+        """One round: queued points and the file's new records to MLflow; how many were sent
+        (0 also when the server was away: nothing is lost, the next round retries; ``strict``
+        raises instead)."""
+        with self._lock:
+            queued, self._pending = self._pending, []
+        state = _read_state(self.state_file)
+        offset = int(state.get("metrics_offset", 0))
+        points, new_offset = self._file_points(offset)
+        try:
+            if self._client is None:
+                self._client = _client(self.settings)
+            _log_points(self._client, self.mlflow_run, queued + points)
+        except Exception as exc:  # tracking server away: keep everything for the next round
+            self.failures += 1
+            with self._lock:
+                self._pending = queued + self._pending
+            if strict:
+                raise
+            log.debug("MLflow metrics deferred (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+            return 0
+        if new_offset != offset:
+            state["metrics_offset"] = new_offset
+            atomic_write_json(self.state_file, state, indent=2, sort_keys=True)
+        return len(queued) + len(points)
+
+    def _file_points(self, offset: int) -> tuple[list[tuple[str, float, int]], int]:
+        if self.metrics_file is None or not self.metrics_file.is_file():
+            return [], offset
+        with self.metrics_file.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # complete lines only; a half-written one waits
+        points = curve_points(data[:end].decode("utf-8", errors="replace").splitlines())
+        return points, offset + end
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread and send what is left (one last try)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.flush_once()
+
+
+def follow_metrics(
+    cfg: Config, run_id: str, metrics_file: Optional[str | Path] = None, interval_s: float = 5.0
+) -> Optional[MetricsFollower]:
+    """A started follower for the live MLflow run of ``run_id``; None when it is not tracked."""
+    mlflow_run = live_run_id(cfg, run_id) if cfg.registry.enabled else None
+    if mlflow_run is None:
+        return None
+    return MetricsFollower(cfg, run_id, mlflow_run, metrics_file, interval_s).start()
 
 
 # ----------------------------------------------------------------------------- gate
@@ -386,27 +616,25 @@ def publish_run(
     reg = cfg.registry
     settings = settings_for(cfg)
     client = _client(settings)
-    try:
-        experiment_id = _experiment_id(client, reg.experiment, settings.artifact_location)
-    except Exception as exc:
-        raise ServiceError(
-            f"MLflow tracking at {redact_text(settings.tracking_uri)} is unusable: "
-            f"{redact_text(str(exc).splitlines()[0])}; "
-            "check 'registry.tracking_uri'"
-        ) from None
-    mlflow_run = _find_or_create_run(client, experiment_id, run_id)
+    experiment_id = _experiment(client, settings, reg.experiment)
+    live = live_run_id(cfg, run_id)  # opened when the pipeline started: it owns the status
+    mlflow_run = live or _find_or_create_run(client, experiment_id, run_id)
+    if live is None:
+        state_file = _paths(cfg, run_id).mlflow_run_file
+        atomic_write_json(state_file, {"mlflow_run_id": mlflow_run, "metrics_offset": 0})
 
     _log_params(client, mlflow_run, flatten(config_to_dict(cfg)))
-    points = curve_metrics(metrics_file)
-    final_step = max((s for _, _, s in points), default=0)
-    points += [(k, v, final_step) for k, v in acceptance_metrics(evaluation).items()]
-    points += depth_points(evaluation)
-    points += [
-        (f"perf/{k}", float(v), final_step)
-        for k, v in (perf or {}).items()
-        if isinstance(v, (int, float))
-    ]
-    _log_points(client, mlflow_run, points)
+    # the curves MLflow does not have yet (all of them when nothing followed the run live)
+    MetricsFollower(cfg, run_id, mlflow_run, metrics_file).flush_once(strict=True)
+    scalars = acceptance_metrics(evaluation)
+    scalars.update(
+        {f"perf/{k}": float(v) for k, v in (perf or {}).items() if isinstance(v, (int, float))}
+    )
+    _log_scalars(client, mlflow_run, scalars)
+    _log_points(client, mlflow_run, depth_points(evaluation))  # tau by drafting depth, step = k
+    if metrics_file is not None and Path(metrics_file).is_file():
+        for plot in plot_training(read_records(metrics_file), _paths(cfg, run_id).plot_dir):
+            client.log_artifact(mlflow_run, str(plot), "plots")
 
     client.log_artifacts(mlflow_run, str(hf_dir), DRAFT_ARTIFACT)
     for path in [config_file, metrics_file, *extra_artifacts]:
@@ -432,7 +660,8 @@ def publish_run(
     client.set_model_version_tag(
         reg.model_name, version, "gate_promoted", str(decision.promote).lower()
     )
-    client.set_terminated(mlflow_run, "FINISHED")
+    if live is None:
+        client.set_terminated(mlflow_run, "FINISHED")
     aliases = [reg.candidate_alias] + ([reg.champion_alias] if decision.promote else [])
     log.info(
         "registered %s v%s (%s): %s", reg.model_name, version, ", ".join(aliases), decision.reason
@@ -494,13 +723,13 @@ def _register_version(
 def _run_url(settings: TrackingSettings, experiment_id: str, run_id: str) -> Optional[str]:
     if settings.ui_url is None:
         return None
-    return f"{settings.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{settings.ui_url}/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
 
 
 def _version_url(settings: TrackingSettings, name: str, version: str) -> Optional[str]:
     if settings.ui_url is None:
         return None
-    return f"{settings.ui_url}/#/models/{name}/versions/{version}"
+    return f"{settings.ui_url}/#/models/{name}/versions/{version}{UI_VIEW}"
 
 
 # ----------------------------------------------------------------------------- fetch

@@ -10,7 +10,6 @@ each handle is also registered here and the flows' ``on_failure`` / ``on_cancell
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any, Protocol
 
 from prefect import flow
 
-# Mooncake's glog INFO lines ("I1123 14:02:02.124712 14829 file.cpp:604] ...") are noise in the UI.
-_GLOG_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d")
+from spec_core.utils.logs import line_level
 
 
 class Stoppable(Protocol):
@@ -65,7 +63,9 @@ OWNED = OwnedProcesses()
 
 
 class LogTail:
-    """Forwards the new complete lines of a process's log file to a logger, on each ``pump()``."""
+    """Forwards the new complete lines of a process's log file to a logger, on each ``pump()``:
+    native lines at their own level, Mooncake's start-up noise and glog INFO not at all
+    (``spec_core.utils.logs.line_level``)."""
 
     def __init__(self, path: Path, logger: logging.Logger | logging.LoggerAdapter, prefix: str):
         self.path = Path(path)
@@ -88,8 +88,9 @@ class LogTail:
         sent = 0
         for line in lines:
             line = line.rsplit("\r", 1)[-1].rstrip()  # progress bars: keep the last redraw
-            if line and not _GLOG_INFO.match(line):
-                self.logger.info("%s%s", self.prefix, line)
+            level = line_level(line)
+            if level is not None:
+                self.logger.log(level, "%s%s", self.prefix, line)
                 sent += 1
         return sent
 
@@ -104,14 +105,19 @@ def stop_all_owned(flow: Any, flow_run: Any, state: Any) -> None:
     OWNED.stop_all()
 
 
-def process_owning_flow(stop: Callable[[Any, Any, Any], None], **options: Any) -> Any:
+def process_owning_flow(
+    stop: Callable[[Any, Any, Any], None],
+    extra_hooks: tuple[Callable[[Any, Any, Any], None], ...] | list = (),
+    **options: Any,
+) -> Any:
     """``@flow`` for a run that starts processes: its JSON result persisted, and ``stop`` (one of
-    the hooks above) run on failure, cancellation and crash alike."""
+    the hooks above), then ``extra_hooks``, run on failure, cancellation and crash alike."""
+    hooks = [stop, *extra_hooks]
     return flow(
         persist_result=True,
         result_serializer="json",
-        on_failure=[stop],
-        on_cancellation=[stop],
-        on_crashed=[stop],
+        on_failure=hooks,
+        on_cancellation=hooks,
+        on_crashed=hooks,
         **options,
     )

@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefect import get_run_logger, task
-from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from prefect.artifacts import (
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 
 from spec_core.config import config_from_dict
 from spec_core.contracts.plan import BatchPlan
 from spec_core.metrics import read_records, train_records, trainer_perf
+from spec_core.registry import follow_metrics
 from spec_core.training.job import TrainJob
 from spec_core.training.launcher import launch_training, node_file
 from spec_core.training.rendezvous import node_endpoint
@@ -28,6 +33,40 @@ from tasks.processes import OWNED, LogTail
 from tasks.services import flow_run_id
 
 TRAINING_PROGRESS_KEY = "training-progress"
+TRAINING_METRICS_KEY = "training-metrics"
+TABLE_ROWS = 10
+
+
+def metrics_rows(records: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """The last train records and the last eval, one row each, newest first (the live table)."""
+    rows = []
+    for r in records:
+        if r.get("split") not in ("train", "eval") or r.get("loss") is None:
+            continue
+        row = {
+            "split": r["split"],
+            "step": f"{r['step']}/{total}",
+            "loss": round(r["loss"], 4),
+            "tau_sim": round(r.get("tau_sim") or 0.0, 3),
+        }
+        for k, acc in enumerate((r.get("acc_k") or [])[:4]):
+            row[f"acc_{k}"] = None if acc is None else round(acc, 3)
+        row["tokens/s"] = round(r.get("tokens_per_s") or 0.0)
+        rows.append(row)
+    train = [r for r in rows if r["split"] == "train"][-TABLE_ROWS:]
+    evals = [r for r in rows if r["split"] == "eval"][-1:]
+    return list(reversed(train)) + evals
+
+
+async def publish_metrics_table(records: list[dict[str, Any]], total: int) -> None:
+    """A new version of the ``training-metrics`` table artifact (the UI shows the latest)."""
+    rows = metrics_rows(records, total)
+    if rows:
+        await acreate_table_artifact(
+            key=TRAINING_METRICS_KEY,
+            table=rows,
+            description=f"latest training metrics (step {rows[0]['step']})",
+        )
 
 
 @task(name="train-draft")
@@ -93,20 +132,28 @@ async def train_draft(
             key=TRAINING_PROGRESS_KEY,
             description=f"training steps done of {total}",
         )
-    steps_done = 0
+    steps_done, table_step = 0, 0
+    # node 0 sends rank 0's metrics to the pipeline's live MLflow run (a background thread)
+    live = follow_metrics(cfg, job.run_id, job.metrics_file) if node_rank == 0 else None
     try:
         while not launch.done():
             await asyncio.wait({launch}, timeout=poll_s)
             tail.pump()
             if progress is not None:
-                steps = train_records(read_records(job.metrics_file))
+                records = read_records(job.metrics_file)
+                steps = train_records(records)
                 if steps and steps[-1]["step"] != steps_done:
                     steps_done = steps[-1]["step"]
                     await aupdate_progress_artifact(
                         artifact_id=progress, progress=min(100.0, 100.0 * steps_done / total)
                     )
+                if steps_done - table_step >= max(1, t.print_interval):
+                    table_step = steps_done
+                    await publish_metrics_table(records, total)
         result = launch.result()
     finally:
+        if live is not None:
+            live.close()
         for group in groups:
             group.stop()
             OWNED.discard(owner, group)
@@ -115,6 +162,7 @@ async def train_draft(
         tail.pump(final=True)
     if progress is not None:
         await aupdate_progress_artifact(artifact_id=progress, progress=100.0)
+        await publish_metrics_table(read_records(result.metrics_path), total)
     perf = trainer_perf(read_records(result.metrics_path)) if node_rank == 0 else None
     return {
         "node_rank": node_rank,

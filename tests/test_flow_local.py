@@ -130,6 +130,21 @@ def processes_using(root: Path) -> list[str]:
     return found
 
 
+def mlflow_client(root: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'out' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def mlflow_run(root: Path, run_id: str):
+    """The MLflow run the pipeline opened for ``run_id`` (its id is kept in the run dir)."""
+    import json
+
+    state = json.loads((root / "out" / "runs" / run_id / "mlflow_run.json").read_text())
+    return mlflow_client(root).get_run(state["mlflow_run_id"])
+
+
 def wait_no_processes(root: Path, timeout_s: float = 20.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while (left := processes_using(root)) and time.monotonic() < deadline:
@@ -164,6 +179,9 @@ def test_failing_trainer_fails_the_parent_with_its_error_and_leaves_no_process(
     assert runs["tokenize-dataset"].state_name == "Completed"  # fresh inputs: computed
     assert runs["build-vocab-map"].state_name == "Completed"
     assert runs["stop-services"].state_name == "Completed"
+    run = mlflow_run(root, "failing-trainer")  # opened at the start, closed by the failure hook
+    assert run.info.status == "FAILED"
+    assert run.data.tags["specflow.flow_run_id"] == str(state.state_details.flow_run_id)
 
 
 def test_killed_producer_run_finishes_and_reuses_cached_data(
@@ -220,6 +238,13 @@ def test_killed_producer_run_finishes_and_reuses_cached_data(
     assert runs["tokenize-dataset"].state_name == "Cached"  # same inputs as the first run
     assert runs["build-vocab-map"].state_name == "Cached"
     assert wait_no_processes(root) == []
+    run = mlflow_run(root, run_id)  # live curves while training, FINISHED at the end
+    assert run.info.status == "FINISHED" and summary["mlflow"]["run_id"] == run.info.run_id
+    client = mlflow_client(root)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 19))
+    assert client.get_metric_history(run.info.run_id, "pipeline/samples_produced")
+    assert float(run.data.tags["pipeline.thru"]) > 0
 
 
 def test_changed_max_seq_length_reruns_data_tasks_and_service_start_is_retried(

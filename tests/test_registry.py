@@ -202,9 +202,26 @@ def test_run_holds_params_curves_perf_artifacts_and_tags(published, tmp_path):
     assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.05), (2, 0.1), (3, 0.15)]
     assert [m.step for m in client.get_metric_history(out["run_id"], "train/loss")] == [1, 2, 3]
     assert run.data.metrics["val/tau_sim"] == pytest.approx(0.6)
-    assert run.data.metrics["acceptance/tau"] == pytest.approx(evaluation["tau"])
-    assert run.data.metrics["acceptance/alpha_1"] == pytest.approx(evaluation["alpha"][0])
-    assert run.data.metrics["perf/pipeline_efficiency"] == pytest.approx(0.97)
+    # one value per run: tags, not single-point curves
+    assert float(run.data.tags["acceptance.tau"]) == pytest.approx(evaluation["tau"], rel=1e-5)
+    assert float(run.data.tags["acceptance.alpha_1"]) == pytest.approx(evaluation["alpha"][0])
+    assert float(run.data.tags["perf.pipeline_efficiency"]) == pytest.approx(0.97)
+    assert not [k for k in run.data.metrics if k.startswith(("acceptance/", "perf/"))]
+    assert {a.path for a in client.list_artifacts(out["run_id"], "plots")} == {
+        "plots/loss_curves.png",
+        "plots/per_position_accuracy.png",
+    }
+    version = client.get_model_version("curves", out["version"])
+    assert version.run_id == out["run_id"] and version.source.startswith(f"runs:/{out['run_id']}")
+    # a second publish of the same run (a retried task) adds no duplicate points
+    publish_run(
+        cfg,
+        "curves-run",
+        hf_dir=published["drafts"]["trained"],
+        evaluation=evaluation,
+        metrics_file=metrics,
+    )
+    assert [m.step for m in client.get_metric_history(out["run_id"], "train/loss")] == [1, 2, 3]
     names = {a.path for a in client.list_artifacts(out["run_id"], "draft")}
     assert {"draft/config.json", "draft/model.safetensors"} <= names
     assert {a.path for a in client.list_artifacts(out["run_id"], "run")} == {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any, Optional
 
 from spec_core.errors import ConfigError, SpecflowError
 from spec_core.training.job import TrainJob
+from spec_core.utils.logs import child_env, line_level
 from spec_core.utils.net import free_port
 from spec_core.utils.procs import ProcessGroup
 
@@ -114,7 +114,7 @@ def _pump(stream: Any, log_fh: Any, echo: bool) -> None:
     for line in iter(stream.readline, ""):
         log_fh.write(line)
         log_fh.flush()
-        if echo:
+        if echo and line_level(line) is not None:  # native start-up noise: log file only
             sys.stdout.write(line)
             sys.stdout.flush()
 
@@ -156,7 +156,7 @@ def launch_training(
         timeout_s = tcfg.timeout_s
     restarts = 0 if job.source == "stream" or nnodes > 1 else tcfg.max_restarts
     cmd = torchrun_command(job_path, nproc_per_node, nnodes, node_rank, rdzv_endpoint, restarts)
-    proc_env = {**os.environ, **(env or {})}
+    proc_env = child_env(env)
     proc_env.setdefault("PYTHONUNBUFFERED", "1")
     with log_path.open("a", encoding="utf-8") as log_fh:
         log_fh.write(f"$ {' '.join(cmd)}\n")

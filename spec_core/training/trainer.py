@@ -39,6 +39,7 @@ from spec_core.training.fsdp import DistInfo, all_reduce, set_gradient_sync
 from spec_core.training.metrics_log import MetricsWriter
 from spec_core.training.optim import clip_gradients
 from spec_core.training.sources import SampleSource, StepData
+from spec_core.utils.logs import RateMeter
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Trainer:
         """``objective`` defaults to ``draft.algorithm``'s (which may need ``draft_config``)."""
         self.cfg = cfg
         self.tcfg = cfg.training
+        self.meter = RateMeter(total_steps, every=max(1, self.tcfg.print_interval), unit="steps")
         self.info = info
         self.model = model
         self.optimizer = optimizer
@@ -294,6 +296,9 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
+        self.meter = RateMeter(
+            self.total_steps, start=self.step, every=self.meter.every, unit="steps"
+        )  # from here: a resumed run's rate counts only the steps it runs
         while self.step < self.total_steps:
             outcome = self.train_step(self.source.next_step())
             if outcome is None:
@@ -304,6 +309,7 @@ class Trainer:
                 self.first_train = record
             if self.step % max(1, self.tcfg.log_interval) == 0 or self.step == 1:
                 self.metrics.write(record)
+            if self.meter.due(self.step) or self.step == 1:
                 self._print(record)
             self._eval_and_maybe_save(final=False)
         self._eval_and_maybe_save(final=True)
@@ -324,18 +330,22 @@ class Trainer:
         }
 
     def _print(self, record: dict[str, Any]) -> None:
+        """One console line (rank 0): a train line every ``training.print_interval`` steps with
+        the rate and ETA, and every eval; metrics.jsonl keeps every logged step."""
         if not self.info.is_main:
             return
         acc = " ".join(f"{a:.3f}" for a in record["acc_k"][:4])
         if record["split"] == "train":
+            head = f"step {self.meter.line(record['step'])}"
             extra = (
                 f"lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} "
                 f"tok/s {record['tokens_per_s']:.0f} wait {record['data_wait_s']:.2f}s"
             )
         else:
+            head = f"step {record['step']}/{self.total_steps}"
             extra = f"samples {record['samples']}"
         print(
-            f"[{record['split']}] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+            f"[{record['split']}] {head} loss {record['loss']:.4f} "
             f"acc_k {acc} tau_sim {record['tau_sim']:.3f} {extra}",
             flush=True,
         )

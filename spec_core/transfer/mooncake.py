@@ -60,6 +60,7 @@ from spec_core.config import TransferConfig
 from spec_core.errors import ConfigError, ServiceError
 from spec_core.transfer.holder import SegmentInfo, SharedSegment, fetch_info
 from spec_core.transfer.records import TensorMeta
+from spec_core.utils.logs import CHILD_LOG_ENV, child_env
 from spec_core.utils.net import free_port
 from spec_core.utils.procs import ProcessGroup
 
@@ -138,7 +139,7 @@ def spawn(
             stdout=fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env=child_env(env),
             die_with_owner=True,
         )
     return ManagedProcess(name, group, log_path)
@@ -349,6 +350,8 @@ def _import_store(bind_host: str):
     # network namespace where it finds no LAN address of its own.
     os.environ["MC_STORE_MEMCPY"] = "0"
     os.environ.setdefault("MC_TCP_BIND_ADDRESS", bind_host)
+    for key, value in CHILD_LOG_ENV.items():  # quiet in-process clients like our children
+        os.environ.setdefault(key, value)
     from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
     return MooncakeDistributedStore, ReplicateConfig
