@@ -23,12 +23,17 @@ from spec_core import config as config_module
 from spec_core.config import CHOICES, Config, field_descriptions, load_config
 
 PRESET = "configs/smollm2-chitchat.yaml"
+LOADER_FIELDS = {"env_refs"}  # filled by the config loader, never by users
+
+
+def _user_fields(section: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(section) if f.name not in LOADER_FIELDS]
 
 
 def _dotted_keys(section: type, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(section, vars(config_module))
-    for f in dataclasses.fields(section):
+    for f in _user_fields(section):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             keys += _dotted_keys(kind, f"{prefix}{f.name}.")
@@ -92,7 +97,7 @@ def _form_model(section: type, dotted: str) -> type[BaseModel]:
 def _config_form() -> type[BaseModel]:
     hints = typing.get_type_hints(Config, vars(config_module))
     fields = {}
-    for f in dataclasses.fields(Config):
+    for f in _user_fields(Config):
         section = _form_model(hints[f.name], f.name)
         fields[f.name] = (section, Field(default_factory=section))
     return create_model(

@@ -5,6 +5,7 @@ twice), closed with the run's outcome."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,11 +16,13 @@ from spec_core.training.metrics_log import MetricsWriter
 
 
 def config(tmp_path: Path, *extra: str):
+    # a credential the way the README says to pass one: read from the environment where it is used
+    os.environ["SPECFLOW_TEST_LLM_ENDPOINT"] = "http://alice:s3cret@llm.internal:8000/v1"
     return load_config(
         None,
         [
             f"run.output_dir={tmp_path / 'out'}",
-            "dataset.regenerate.endpoint=http://alice:s3cret@llm.internal:8000/v1",
+            "dataset.regenerate.endpoint=${oc.env:SPECFLOW_TEST_LLM_ENDPOINT}",
             *extra,
         ],
     )
@@ -55,7 +58,7 @@ def test_open_run_documents_the_run_at_start_and_resume_finds_it_again(tmp_path)
     assert experiment.tags[registry.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert run.data.params["training.learning_rate"] == str(cfg.training.learning_rate)
     endpoint = run.data.params["dataset.regenerate.endpoint"]
-    assert "s3cret" not in endpoint and endpoint == "http://***@llm.internal:8000/v1"
+    assert "s3cret" not in endpoint and endpoint == "${oc.env:SPECFLOW_TEST_LLM_ENDPOINT}"
     text = client.download_artifacts(first["run_id"], "run/config.yaml", str(tmp_path))
     assert "s3cret" not in Path(text).read_text() and "learning_rate" in Path(text).read_text()
     state = RunPaths(Path(cfg.run.output_dir), "live-1").mlflow_run_file
