@@ -30,6 +30,7 @@ from spec_core.training.sources import SampleSource, SampleSpec, StepData
 from spec_core.transfer.mooncake import MissingDataError
 from spec_core.transfer.records import SampleRef
 from spec_core.transfer.services import ServiceAddresses
+from spec_core.utils import faults
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class StreamSource(SampleSource):
                 f"{world_size}; set training.nproc_per_node x training.nnodes to match"
             )
         self.store = addresses.connect_store(transfer)
+        # A restarted rank re-sends itself what its predecessor popped but did not ack.
+        resent = self.queue.recover_rank(rank)
+        if resent:
+            log.info("rank %d: recovered %d published, unacked samples", rank, resent)
         self._buffer: queue_mod.Queue[tuple[SampleRef, CapturedSample]] = queue_mod.Queue(
             maxsize=max(prefetch_depth, 1) * micro_batch_size
         )
@@ -132,6 +137,7 @@ class StreamSource(SampleSource):
         metas = [ref.tensors[n] for n in present]
         t0 = time.monotonic()
         try:
+            faults.point("stream.fetch")
             tensors = dict(zip(present, self.store.get(metas), strict=True))
         except MissingDataError as exc:
             # The data went away (its holder died or it was evicted): hand the id back for
@@ -213,7 +219,10 @@ class StreamSource(SampleSource):
             refs.append(pending.popleft())
             if not pending:
                 del self._inflight[sid]
-        # Delete the data before giving the bytes back, so residency never exceeds the budget.
+        # Delete the data before giving the bytes back, so residency never exceeds the budget. A
+        # rank killed between the two finds the sample unacked on restart, its data gone, and
+        # has it produced again: nothing is acked that was not trained (§key-queue).
+        faults.point("stream.ack.remove")
         self.store.remove([k for ref in refs for k in ref.keys])
         self.queue.ack(refs)
         self._acks_done += 1
