@@ -217,7 +217,8 @@ def run_producer(
                 stats.wall_s = time.monotonic() - start
                 log.info(stats.summary())
                 last_log = time.monotonic()
-        queue.refresh_bytes(force=True)  # leave the byte count true for those still running
+        # Leave the byte count true: ours, and in a finished run everyone's (the killed too).
+        queue.refresh_bytes(force=True, everyone=queue.all_finished())
     except ProducerReaped as exc:  # peers took over; touching the queue now could only hurt
         log.warning("%s", exc)
         raise

@@ -316,11 +316,10 @@ class KeyQueue:
         faults.point("queue.register.list")
         self.store.append(self._k("producers"), me + "\n")
         self.producer = me
-        for other in self.incarnations():
+        for other in self.incarnations():  # replayed by this one's first reap(), no lease wait
             if other != me and other.rpartition("#")[0] == producer:
                 if self._fence(other, f"superseded by {me}"):
                     log.warning("producer %s: reaping my earlier incarnation %s", me, other)
-                self._replay(other, lambda claim: None)
         return me
 
     def incarnations(self) -> list[str]:
@@ -344,6 +343,7 @@ class KeyQueue:
             failures = 0
             while not stop.wait(interval_s):
                 try:
+                    faults.point("queue.beat")
                     self.store.add(self._k("beat", me), 1)
                     if self._exists("fence", me):
                         self._fenced.set()
@@ -468,7 +468,9 @@ class KeyQueue:
         rank (a replay re-sends it; ranks ignore repeats)."""
         me = self._me()
         faults.point("queue.resolve.journal")
-        self._journal(f"S\t{claim.epoch}\t{claim.pos}\t{claim.attempt}\t{reason}\t{claim.sample_id}")
+        self._journal(
+            f"S\t{claim.epoch}\t{claim.pos}\t{claim.attempt}\t{reason}\t{claim.sample_id}"
+        )
         old, rec = self._record(claim.epoch, claim.pos)
         if rec is not None and not rec.open_for(claim.attempt):
             return False
@@ -586,9 +588,11 @@ class KeyQueue:
                 self._set_held(self._held)
         return nbytes
 
-    def refresh_bytes(self, force: bool = False) -> None:
+    def refresh_bytes(self, force: bool = False, everyone: bool = False) -> None:
         """Drop from this incarnation's count the samples trainers have acked or voided, and
-        re-count the bytes of dead incarnations (nobody else would). Rate-limited."""
+        re-count the bytes of fenced incarnations (nobody else would). Rate-limited.
+        ``everyone`` re-counts every incarnation: for a producer leaving a finished run, when
+        nobody reserves any more (a producer killed after its last publish is never fenced)."""
         now = time.monotonic()
         if not force and now - self._last_refresh < _REFRESH_EVERY_S:
             return
@@ -606,8 +610,8 @@ class KeyQueue:
                     faults.point("queue.refresh.held")
                     self._set_held(self._held)
         for other in self.incarnations():
-            if other != self.producer and self._exists("fence", other):
-                self._recount_dead(other)
+            if other != self.producer and (everyone or self._exists("fence", other)):
+                self._recount(other)
 
     def _finished_publication(self, epoch: int, pos: int, sample_id: str, attempt: int) -> bool:
         """A published attempt needs no bytes any more: acked, or voided by its trainer."""
@@ -616,8 +620,8 @@ class KeyQueue:
         _, rec = self._record(epoch, pos)
         return rec is None or not (rec.state == "published" and rec.attempt == attempt)
 
-    def _recount_dead(self, inc: str, journal: Optional[_Journal] = None) -> int:
-        """Set a fenced incarnation's ``held`` to the bytes of its publications that no trainer
+    def _recount(self, inc: str, journal: Optional[_Journal] = None) -> int:
+        """Set another incarnation's ``held`` to the bytes of its publications that no trainer
         has finished: a ``compare_set`` from the value read, so a slower recount can never
         overwrite a newer (smaller) one. Anyone may run it, any number of times."""
         held = self._get("held", inc)
@@ -747,7 +751,7 @@ class KeyQueue:
             if rec is not None and (rec.state, rec.producer, rec.attempt) == (reason, inc, attempt):
                 faults.point("queue.reap.push")
                 self._push_tombstone(epoch, pos, attempt, sample_id)
-        self._recount_dead(inc, journal)
+        self._recount(inc, journal)
         faults.point("queue.reap.done")
         self.store.set(self._k("reaped", inc), "1")
         return requeued
@@ -926,4 +930,3 @@ class KeyQueue:
             name: self._int("count", name)
             for name in ("skipped", "dropped", "reclaimed", "missing", "budget_waits")
         }
-

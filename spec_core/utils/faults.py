@@ -8,7 +8,7 @@ behaviour: a test harness sets it on the processes it starts, a user never does)
   nothing after the point runs, no ``finally``, no atexit) or ``raise`` (``FaultInjected``, a
   ``ServiceError``: a transient failure the code must survive). ``<point>%<p>`` instead fires
   with probability ``p`` at every hit (seeded by ``SPECFLOW_FAULT_SEED``).
-- ``SPECFLOW_FAULT_LOG``: a file each fired fault appends ``<pid> <point> <hit>`` to, before it
+- ``SPECFLOW_FAULT_LOG``: a file each fired fault appends ``<pid> <point> <hit> <unix time>`` to, before it
   acts (the chaos test's tally of injected faults per point).
 
 Points are named ``<area>.<step>`` (``queue.publish.cas``, ``producer.put`` ...); ``POINTS`` lists
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +34,7 @@ ENV_SEED = "SPECFLOW_FAULT_SEED"
 # Every injection point, by the process that reaches it (docs/architecture.md §key-queue).
 POINTS: dict[str, tuple[str, ...]] = {
     "producer": (
+        "queue.beat",
         "queue.register.incarnation",
         "queue.register.list",
         "queue.claim.take_journal",
@@ -119,10 +121,10 @@ def _parse(spec: str) -> dict[str, _Rule]:
 
 
 class _Injector:
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, log_path: Optional[str] = None) -> None:
         self.rules = _parse(spec)
         self.hits: dict[str, int] = {}
-        self.log_path = os.environ.get(ENV_LOG)
+        self.log_path = log_path or os.environ.get(ENV_LOG)
         self.rng = random.Random(int(os.environ.get(ENV_SEED, "0")) + os.getpid())
 
     def hit(self, name: str) -> None:
@@ -135,7 +137,7 @@ class _Injector:
             return
         if self.log_path:
             with open(self.log_path, "a") as fh:  # one short write: whole lines, even when killed
-                fh.write(f"{os.getpid()} {name} {n}\n")
+                fh.write(f"{os.getpid()} {name} {n} {time.time():.3f}\n")
         if rule.action == "raise":
             raise FaultInjected(f"fault injected at {name} (hit {n})")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -150,7 +152,8 @@ def point(name: str) -> None:
         _INJECTOR.hit(name)
 
 
-def configure(spec: Optional[str]) -> None:
-    """Replace the rules in this process (tests in one process; ``None`` turns injection off)."""
+def configure(spec: Optional[str], log_path: Optional[str] = None) -> None:
+    """Replace the rules in this process (a forked test process, or tests in one process;
+    ``None`` turns injection off)."""
     global _INJECTOR
-    _INJECTOR = _Injector(spec) if spec else None
+    _INJECTOR = _Injector(spec, log_path) if spec else None
