@@ -37,7 +37,8 @@ TARGET_FAULTS = int(os.environ.get("SPECFLOW_CHAOS_FAULTS", "200"))
 FAULTS_PER_RUN = 10
 SAMPLES, EPOCHS, RANKS, PRODUCERS = 12, 2, 2, 2
 MAX_HIT = 4  # a rule fires at the 1st..4th time its process reaches the point
-RUN_TIMEOUT_S = 180.0
+RUN_TIMEOUT_S = 300.0
+CONCURRENT_RUNS = 3  # runs overlap their waits (lease, backoff); they share the services
 
 
 def _config():
@@ -48,7 +49,7 @@ def _config():
             "training.micro_batch_size=2",
             "training.nproc_per_node=2",
             f"training.num_epochs={EPOCHS}",
-            "transfer.global_segment_mb=64",
+            "transfer.global_segment_mb=16",
             "transfer.local_buffer_mb=8",
             "transfer.byte_budget_mb=1",
             "transfer.claim_lease_s=1.5",
@@ -58,6 +59,17 @@ def _config():
             "transfer.budget_wait_timeout_s=120",
         ],
     )
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the processes the fork server started and reaped (cutime + cstime)."""
+    from multiprocessing import forkserver
+
+    pid = forkserver._forkserver._forkserver_pid
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def _shm() -> set[str]:
@@ -75,13 +87,15 @@ class Tally:
     leftover_shm: int = 0
     runs: int = 0
     restarts: int = 0
+    cpu_s: float = 0.0
 
     def report(self, wall_s: float) -> str:
         per_point = "\n".join(f"  {n:5d}  {p}" for p, n in sorted(self.faults.items()))
         total = sum(self.faults.values())
         return (
             f"chaos: {self.runs} runs, {total} faults injected in {wall_s:.0f}s "
-            f"({total / max(wall_s, 1e-9):.2f}/s), {self.restarts} restarts\n"
+            f"({total / max(wall_s, 1e-9):.2f}/s), {self.restarts} restarts; the processes used "
+            f"{self.cpu_s:.0f} CPU s ({self.cpu_s / max(total, 1):.2f} per fault)\n"
             f"faults per point:\n{per_point}\n"
             f"samples lost: {self.lost}, trained twice: {self.twice}, resident bytes at end: "
             f"{self.resident}, objects left in the store: {self.objects}, leftover processes: "
@@ -138,27 +152,28 @@ class _Run:
             return Counter()
         return Counter(line.split()[1] for line in self.fault_log.read_text().splitlines())
 
-    def run(self) -> None:
+    def launch(self) -> None:
         for i in range(PRODUCERS):
             self.start(f"p{i}")
         for r in range(RANKS):
             self.start(f"t{r}")
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while len(self.done) < len(self.procs):
-            for name, proc in list(self.procs.items()):
-                if name in self.done or proc.is_alive():
-                    continue
-                proc.join()
-                print(f"harness: {name} pid {proc.pid} exit {proc.exitcode} at {time.time():.3f}")
-                if proc.exitcode == 0:
-                    self.done.add(name)
-                    continue
-                assert proc.exitcode in (-9, 3), self._logs(f"{name} exited {proc.exitcode}")
-                self.budget = FAULTS_PER_RUN - sum(self.fired().values())
-                self.restarts += 1
-                self.start(name)
-            assert time.monotonic() < deadline, self._logs("run did not finish")
-            time.sleep(0.02)
+        self.deadline = time.monotonic() + RUN_TIMEOUT_S
+
+    def step(self) -> bool:
+        """Restart what a fault killed; True once every process has finished its work."""
+        for name, proc in list(self.procs.items()):
+            if name in self.done or proc.is_alive():
+                continue
+            proc.join()
+            if proc.exitcode == 0:
+                self.done.add(name)
+                continue
+            assert proc.exitcode in (-9, 3), self._logs(f"{name} exited {proc.exitcode}")
+            self.budget = FAULTS_PER_RUN - sum(self.fired().values())
+            self.restarts += 1
+            self.start(name)
+        assert time.monotonic() < self.deadline, self._logs("run did not finish")
+        return len(self.done) == len(self.procs)
 
     def _logs(self, what: str) -> str:
         logs = "\n".join(
@@ -174,6 +189,18 @@ class _Run:
             p.kill()
             p.join()
         return len(left)
+
+
+def _check_history(run: _Run, base, ids: list[str], tally: Tally) -> None:
+    acked = Counter(run.queue.acked())
+    plan = Counter((e, sid) for e in range(EPOCHS) for sid in ids)
+    tally.lost += sum((plan - acked).values())
+    tally.twice += sum(n - 1 for n in acked.values() if n > 1)
+    tally.resident += run.queue.resident_bytes()
+    tally.faults += run.fired()
+    tally.restarts += run.restarts
+    tally.runs += 1
+    assert acked == plan, run._logs(f"acked {sorted(acked - plan)} missing {plan - acked}")
 
 
 @pytest.fixture(scope="module")
@@ -193,29 +220,30 @@ def test_exactly_once_under_injected_kills(tmp_path, chaos_services):
     shm_before = _shm()
     tally = Tally()
     t0 = time.monotonic()
-    no = 0
-    while sum(tally.faults.values()) < TARGET_FAULTS:
-        work = tmp_path / f"run{no}"
-        work.mkdir()
-        run = _Run(ctx, base, cfg, data, ids, no, work, rng)
-        t_run = time.monotonic()
-        try:
-            run.run()
-        finally:
-            tally.leftover_procs += run.stop()
-        acked = Counter(run.queue.acked())
-        plan = Counter((e, sid) for e in range(EPOCHS) for sid in ids)
-        tally.lost += sum((plan - acked).values())
-        tally.twice += sum(n - 1 for n in acked.values() if n > 1)
-        tally.resident += run.queue.resident_bytes()
-        tally.objects += int(master_metrics(base.metrics_url).get("master_key_count", 0))
-        tally.faults += run.fired()
-        tally.restarts += run.restarts
-        tally.runs += 1
-        print(f"run {no}: {time.monotonic() - t_run:.1f}s, faults {sum(run.fired().values())}")
-        assert acked == plan, run._logs(f"acked {sorted(acked - plan)} missing {plan - acked}")
-        no += 1
+    started = 0
+    active: list[_Run] = []
+    try:
+        while active or sum(tally.faults.values()) < TARGET_FAULTS:
+            while len(active) < CONCURRENT_RUNS and (
+                sum(tally.faults.values()) + FAULTS_PER_RUN * len(active) < TARGET_FAULTS
+            ):
+                work = tmp_path / f"run{started}"
+                work.mkdir()
+                active.append(_Run(ctx, base, cfg, data, ids, started, work, rng))
+                active[-1].launch()
+                started += 1
+            for run in [r for r in active if r.step()]:
+                active.remove(run)
+                tally.leftover_procs += run.stop()
+                _check_history(run, base, ids, tally)
+            time.sleep(0.02)
+    finally:
+        for run in active:
+            run.stop()
+    # Every run has acked everything and deleted it: the shared master holds no object at all.
+    tally.objects = int(master_metrics(base.metrics_url).get("master_key_count", 0))
     tally.leftover_shm = len(_shm() - shm_before)
+    tally.cpu_s = _children_cpu_s()
     report = tally.report(time.monotonic() - t0)
     print(report)
     assert (tally.lost, tally.twice, tally.resident, tally.objects) == (0, 0, 0, 0), report
@@ -223,3 +251,38 @@ def test_exactly_once_under_injected_kills(tmp_path, chaos_services):
     assert sum(tally.faults.values()) >= TARGET_FAULTS
     if TARGET_FAULTS >= 200:  # faults landed all over, not at one point
         assert len(tally.faults) >= 20, report
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or open files (a service's log) name ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            names = [(entry / "cmdline").read_text(errors="replace")]
+            names += [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(text in name for name in names):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("point", faults.POINTS["holder"])
+def test_segment_holder_killed_at_each_point_leaves_nothing(tmp_path, monkeypatch, point):
+    """The holder dies at a store call while starting (the start fails with one line naming it)
+    or while stopping (the stop still completes); either way no service process remains."""
+    from spec_core.errors import ServiceError
+
+    cfg = _config()
+    monkeypatch.setenv(faults.ENV, f"{point}@1")
+    log_dir = tmp_path / "svc"
+    if point == "holder.unpublish":
+        with start_services(cfg.transfer, "holder-fault", log_dir):
+            pass
+    else:
+        with pytest.raises(ServiceError, match="segment holder exited with code -9"):
+            start_services(cfg.transfer, "holder-fault", log_dir)
+    assert (log_dir / "mooncake-holder.log").exists()
+    assert _processes_mentioning(str(log_dir)) == []

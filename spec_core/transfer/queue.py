@@ -576,7 +576,9 @@ class KeyQueue:
             delay = min(delay * 2, _POLL_MAX_S)
 
     def _set_held(self, value: int) -> None:
-        self.store.set(self._k("held", self._me()), str(value))
+        """Only a live incarnation writes its own count; once fenced, peers recount it."""
+        if not self._fenced.is_set():
+            self.store.set(self._k("held", self._me()), str(value))
 
     def release(self, claim: Claim) -> int:
         """Give back a reservation whose sample this incarnation will not publish."""
