@@ -52,7 +52,7 @@ def _config():
             "transfer.global_segment_mb=16",
             "transfer.local_buffer_mb=8",
             "transfer.byte_budget_mb=1",
-            "transfer.claim_lease_s=1.5",
+            "transfer.claim_lease_s=3",
             "transfer.connect_timeout_s=20",
             "transfer.pop_timeout_s=120",
             "transfer.linger_timeout_s=120",

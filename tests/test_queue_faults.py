@@ -219,3 +219,29 @@ def test_a_retried_producer_is_a_fresh_incarnation_and_reaps_its_predecessor(que
     assert retry.reap(lambda c: None, lease_s=60) == BATCH  # replayed at once, no lease wait
     again = retry.claim(BATCH, _ids)
     assert {(c.sample_id, c.attempt) for c in again} == {(c.sample_id, 1) for c in claims}
+
+
+def test_a_reaped_producer_that_publishes_in_the_race_window_loses_nothing(queue_address):
+    """The reaper removes the 'dead' producer's put and re-queues its claim; the producer, which
+    passed its fence check just before, then wins the publish with data that is gone. The
+    trainer voids it and the sample is produced again under a fresh attempt number (the
+    reaper's attempt was taken and dropped meanwhile), and trained once."""
+    run = f"z{next(_runs)}"
+    objects = FakeObjects()
+    slow, peer, trainer = (_client(queue_address, run) for _ in range(3))
+    slow.register_producer("slow")
+    peer.register_producer("peer")
+    (claim, *_) = claims = slow.claim(BATCH, _ids)
+    ref = _ref(run, claim, slow.producer)
+    slow.reserve(claim, ref.nbytes, lambda: False)
+    objects.keys.add(ref.keys[0])
+    remove = lambda c: objects.remove_attempt(run, c)  # noqa: E731
+    peer.reap(remove, lease_s=0.0)
+    assert peer.reap(remove, lease_s=0.0) == len(claims)  # fenced, put removed, re-queued
+    slow.check_fenced = lambda: None  # it passed its check just before the fence
+    assert slow.publish(claim, ref)
+    for _ in range(2):  # the peer takes the re-queued attempt of each: that one is resolved
+        _produce_step(peer, objects, run)
+    _finish(queue_address, run, objects, [peer], [trainer])
+    _check(queue_address, run, objects)
+    assert trainer.counts()["missing"] == 1

@@ -106,7 +106,7 @@ class _Record:
     """``res/<epoch>/<pos>``: the one record that says what became of a sample in an epoch.
 
     ``state`` is ``published`` (``ref`` is on its way to a rank), ``void`` (published, then its
-    data was found missing: ``attempt + 1`` is queued for production), ``skipped`` or ``dropped``.
+    data was found missing: a new attempt is queued for production), ``skipped`` or ``dropped``.
     ``voided`` lists every attempt that was published and voided (byte accounting needs it).
     Each change is one ``compare_set`` from the exact previous value, so two writers can never
     both move a sample on."""
@@ -434,8 +434,8 @@ class KeyQueue:
         return self._chunk
 
     def _redo_entries(self) -> list[tuple[int, int, int]]:
-        """Entries of the append-only ``redo`` log this client has not tried yet. Duplicated
-        lines are harmless: the ``take`` compare-and-set lets one producer have each."""
+        """Entries of the append-only ``redo`` log this client has not tried yet; the ``take``
+        compare-and-set lets one producer have each."""
         raw = self._get("redo")
         if not raw:
             return []
@@ -446,10 +446,18 @@ class KeyQueue:
                 out.append((epoch, pos, attempt))
         return out
 
-    def _requeue(self, epoch: int, pos: int, attempt: int, stat: str) -> None:
-        """Ask for ``attempt`` of a sample: one ``append`` (idempotent, see ``_redo_entries``)."""
+    def _requeue(self, epoch: int, pos: int, failed: int, stat: str) -> None:
+        """Ask for a new attempt of a sample whose attempt ``failed`` will not be trained.
+
+        The new attempt's number comes from the sample's own counter (``attempts/<e>/<pos>``), so
+        it was never handed out before: an attempt that a producer took and dropped (the sample
+        was resolved then) can never block a later request. Re-running a requeue (a replay, a
+        restarted rank) adds another entry; producing twice is harmless, the record's
+        ``compare_set`` lets one attempt resolve the sample. The ``append`` is the request; a
+        kill before it only wastes a number, and the replay requests again."""
+        attempt = int(self.store.add(self._k("attempts", epoch, pos), 1))
         self.store.append(self._k("redo"), f"{epoch}\t{pos}\t{attempt}\n")
-        if self._once("counted", stat, epoch, pos, attempt):
+        if self._once("counted", stat, epoch, pos, failed):
             self.store.add(self._k("count", stat), 1)
 
     def is_acked(self, epoch: int, sample_id: str) -> bool:
@@ -740,7 +748,7 @@ class KeyQueue:
             remove_keys(claim)
             if rec is None or rec.open_for(attempt):
                 faults.point("queue.reap.requeue")
-                self._requeue(epoch, pos, attempt + 1, "reclaimed")
+                self._requeue(epoch, pos, attempt, "reclaimed")
                 requeued += 1
         for epoch, pos, attempt, ref_json in journal.pubs:
             _, rec = self._record(epoch, pos)
@@ -849,7 +857,7 @@ class KeyQueue:
         if not self._move(ref.epoch, ref.pos, old, new):
             return False
         faults.point("queue.void.requeue")
-        self._requeue(ref.epoch, ref.pos, ref.attempt + 1, "missing")
+        self._requeue(ref.epoch, ref.pos, ref.attempt, "missing")
         return True
 
     def recover_rank(self, rank: int) -> int:
@@ -885,7 +893,7 @@ class KeyQueue:
                     self.store.queue_push(self._k("refs", rank), json.dumps(rec.ref))
                     resent += 1
                 elif rec.state == "void":
-                    self._requeue(epoch, pos, rec.attempt + 1, "missing")
+                    self._requeue(epoch, pos, rec.attempt, "missing")
         with self._lock:
             self._finished[rank] = finished
         self.store.multi_set(
