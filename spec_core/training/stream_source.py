@@ -1,11 +1,10 @@
 """``StreamSource``: the trainer's samples, streamed from producers through Mooncake.
 
-A prefetch thread pops ``SampleRef``s from this rank's queue (the key queue deals refs round-robin
-to the ranks), reads their tensors from Mooncake and buffers them; ``next_step`` collates them with
+A prefetch thread pops ``SampleRef``s from this rank's queue (the key queue deals the sample at
+epoch position ``pos`` to rank ``pos % ranks``), reads their tensors from Mooncake and buffers them; ``next_step`` collates them with
 the trainer's ``collate``. After the optimizer step the trainer calls ``ack``: the objects are
-force-deleted and the bytes go back to the producers' budget. A rank whose queue has run dry for
-good (every sample of every epoch published and the queue empty) returns padding steps, so all
-ranks keep stepping together until the trainer's all-reduce sees no real sample anywhere.
+force-deleted and the bytes go back to the producers' budget. A rank that has taken every sample
+dealt to it returns padding steps, so all ranks keep stepping together until the trainer's all-reduce sees no real sample anywhere.
 
 Contract with the trainer: call ``ack`` once per optimizer step on every rank (with ``[]`` when the
 step had no real samples). ``state_dict`` then waits until every rank has acked the same number of
