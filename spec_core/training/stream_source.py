@@ -161,7 +161,7 @@ class StreamSource(SampleSource):
             if self._error is not None:
                 raise ServiceError(f"stream prefetch failed: {self._error}") from self._error
             try:
-                ref, sample = self._buffer.get(timeout=0.02)
+                ref, sample = self._buffer.get(timeout=0.1)  # wakes at once on data
             except queue_mod.Empty:
                 with self._dry_lock:
                     if self._dry and self._buffer.empty():

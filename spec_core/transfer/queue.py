@@ -191,6 +191,7 @@ class KeyQueue:
         self._seen_beats: dict[str, tuple[int, int, float, float]] = {}
         self._last_replay: dict[str, float] = {}
         self._last_refresh = 0.0
+        self._last_reap = -1e9
         self._last_progress = 0.0
         # trainer side, per rank: (epoch, pos) -> attempt taken; attempts voided; finished count
         self._taken: dict[int, dict[tuple[int, int], int]] = {}
@@ -665,6 +666,10 @@ class KeyQueue:
         agree); replay again those fenced by a peer that may have died mid-replay. Returns how
         many claims were re-queued."""
         now = time.monotonic()
+        shortest = min(lease_s, progress_timeout_s if progress_timeout_s is not None else lease_s)
+        if now - self._last_reap < min(shortest / 4, 1.0):  # silence is measured in leases
+            return 0
+        self._last_reap = now
         requeued = 0
         for other in self.incarnations():
             if other == self.producer or self._exists("reaped", other):
