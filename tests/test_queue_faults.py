@@ -245,3 +245,21 @@ def test_a_reaped_producer_that_publishes_in_the_race_window_loses_nothing(queue
     _finish(queue_address, run, objects, [peer], [trainer])
     _check(queue_address, run, objects)
     assert trainer.counts()["missing"] == 1
+
+
+def test_producer_waits_have_deadlines_that_name_what_was_waited_for(queue_address):
+    from spec_core.errors import ServiceError
+    from spec_core.streaming.producer import _Linger
+
+    run = f"d{next(_runs)}"
+    q = KeyQueue.connect(queue_address, run, 100, timeout_s=5)
+    q.set_plan(DataPlan(N, EPOCHS, 0))
+    q.register_producer("p")
+    first, second = q.claim(BATCH, _ids)
+    q.reserve(first, 100, lambda: False)  # the budget is full and no trainer acks
+    with pytest.raises(ServiceError, match=r"byte budget .*transfer.budget_wait_timeout_s"):
+        q.reserve(second, 100, lambda: False, timeout_s=0.3)
+    linger = _Linger(q, timeout_s=0.3)
+    with pytest.raises(ServiceError, match=r"trainers to finish .*transfer.linger_timeout_s"):
+        for _ in range(100):
+            linger.wait("p#1")

@@ -328,11 +328,6 @@ class KeyQueue:
             return []
         return [p for p in self.store.get(self._k("producers")).decode().splitlines() if p]
 
-    producers = incarnations
-
-    def beat(self) -> None:
-        self.store.add(self._k("beat", self._me()), 1)
-
     def start_heartbeat(self, interval_s: float) -> threading.Event:
         """Beat from a thread (forward passes release the GIL); set the returned event to stop.
         A failing beat is logged and retried (a store hiccup must not make peers reap a live
