@@ -541,8 +541,9 @@ class KeyQueue:
         """Wait until ``nbytes`` fit in the byte budget and reserve them; returns seconds waited.
         A sample larger than the whole budget is admitted only into an otherwise empty store.
 
-        Announce, then check: the bytes go into this incarnation's own ``held/<inc>`` (a plain
-        ``set``: only it writes there while alive), then the sum over all incarnations is read.
+        Announce, then check: when the sum over all incarnations leaves room, the bytes go into
+        this incarnation's own ``held/<inc>`` (a plain ``set``: only it writes there while
+        alive), then the sum is read again.
         Of two producers that announce at once, at least one sees the other's bytes, so admitted
         reservations never exceed the budget, and no concurrent update can be lost."""
         start = time.monotonic()
@@ -550,18 +551,20 @@ class KeyQueue:
         waited_once = False
         while True:
             self.check_fenced()
-            faults.point("queue.reserve.announce")
-            with self._lock:
-                self._set_held(self._held + nbytes)
             total = self.resident_bytes()
-            if total <= self.byte_budget or total == nbytes:
+            if total + nbytes <= self.byte_budget or total == 0:  # worth announcing
+                faults.point("queue.reserve.announce")
                 with self._lock:
-                    self._held += nbytes
-                    self._reserved[claim.ident] = self._reserved.get(claim.ident, 0) + nbytes
-                return time.monotonic() - start
-            faults.point("queue.reserve.retract")
-            with self._lock:
-                self._set_held(self._held)
+                    self._set_held(self._held + nbytes)
+                total = self.resident_bytes()
+                if total <= self.byte_budget or total == nbytes:
+                    with self._lock:
+                        self._held += nbytes
+                        self._reserved[claim.ident] = self._reserved.get(claim.ident, 0) + nbytes
+                    return time.monotonic() - start
+                faults.point("queue.reserve.retract")
+                with self._lock:
+                    self._set_held(self._held)
             if should_stop():
                 raise StopRequested("stop requested while waiting for the byte budget")
             waited = time.monotonic() - start
