@@ -210,6 +210,7 @@ def chaos_services(tmp_path_factory):
         yield cfg, services.addresses
 
 
+@pytest.mark.timeout(max(900, TARGET_FAULTS * 15))  # about 0.1 faults/s on a busy 2-core box
 def test_exactly_once_under_injected_kills(tmp_path, chaos_services):
     cfg, base = chaos_services
     data = make_split(tmp_path / "train", SAMPLES, seed=1)
