@@ -201,6 +201,7 @@ def _check_history(run: _Run, base, ids: list[str], tally: Tally) -> None:
     tally.restarts += run.restarts
     tally.runs += 1
     assert acked == plan, run._logs(f"acked {sorted(acked - plan)} missing {plan - acked}")
+    assert run.queue.resident_bytes() == 0, run._logs("bytes still counted as resident")
 
 
 @pytest.fixture(scope="module")
