@@ -280,7 +280,7 @@ def test_segment_holder_killed_at_each_point_leaves_nothing(tmp_path, monkeypatc
     cfg = _config()
     monkeypatch.setenv(faults.ENV, f"{point}@1")
     log_dir = tmp_path / "svc"
-    if point == "holder.unpublish":
+    if point == "holder.close":
         with start_services(cfg.transfer, "holder-fault", log_dir):
             pass
     else:

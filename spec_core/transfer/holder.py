@@ -209,8 +209,8 @@ def serve(args: argparse.Namespace) -> int:
     print(f"segment holder {endpoint}: {args.segment_mb} MB mounted", flush=True)
     while not stop.wait(1.0):
         pass
-    faults.point("holder.unpublish")
     _metadata_request(f"{args.metadata_url}?key={info_key(endpoint)}", "DELETE")
+    faults.point("holder.close")
     store.close()
     return 0
 

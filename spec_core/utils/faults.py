@@ -76,7 +76,7 @@ POINTS: dict[str, tuple[str, ...]] = {
         "holder.setup",
         "holder.mount",
         "holder.publish_info",
-        "holder.unpublish",
+        "holder.close",
     ),
 }
 ALL_POINTS = frozenset(p for points in POINTS.values() for p in points)
