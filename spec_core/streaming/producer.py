@@ -330,6 +330,10 @@ def _produce(
             store.put([(ref.tensors[name].key, t) for name, t in tensors.items()])
             faults.point("producer.put_done")
             published = queue.publish(claim, ref)
+        except ProducerReaped:  # fenced before publishing: a peer re-queued this claim, and its
+            queue.release(claim)  # replay may have run before this put, so remove it here
+            store.remove(ref.keys)
+            raise
         except BaseException:
             queue.release(claim)
             raise
