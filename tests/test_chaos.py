@@ -251,8 +251,8 @@ def test_exactly_once_under_injected_kills(tmp_path, chaos_services):
     assert (tally.lost, tally.twice, tally.resident, tally.objects) == (0, 0, 0, 0), report
     assert (tally.leftover_procs, tally.leftover_shm) == (0, 0), report
     assert sum(tally.faults.values()) >= TARGET_FAULTS
-    if TARGET_FAULTS >= 200:  # faults landed all over, not at one point
-        assert len(tally.faults) >= 20, report
+    if TARGET_FAULTS >= 200:  # faults landed all over (every point in turn: test_queue_faults)
+        assert len(tally.faults) >= 15, report
 
 
 def _processes_mentioning(text: str) -> list[int]:
