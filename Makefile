@@ -52,6 +52,15 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; $(PY) -m pytest -q -ra $(ARGS)'
 
+# Soak of the exactly-once promise: streaming runs whose producer and trainer processes are
+# SIGKILLed at random injection points until CHAOS_FAULTS faults have fired (tests/test_chaos.py;
+# `make test` runs the same with 200).
+.PHONY: chaos
+CHAOS_FAULTS ?= 2000
+chaos: $(STAMP)
+	$(NETNS) bash -c 'ip link set lo up 2>/dev/null; SPECFLOW_CHAOS_FAULTS=$(CHAOS_FAULTS) \
+	  $(PY) -m pytest -q -ra -s tests/test_chaos.py $(ARGS)'
+
 # Day-to-day lane: unit tests only (no real SmolLM2 run, no multi-process pipelines), a minute or
 # two. `make test` stays the full suite that CI runs.
 test-fast: $(STAMP)

@@ -145,7 +145,14 @@ class TransferConfig:
     global_segment_mb: int = 2048  # memory each producer contributes to the store
     local_buffer_mb: int = 512  # client staging buffer
     byte_budget_mb: int = 1024  # bytes resident in the store before producers wait
-    claim_lease_s: float = 60.0  # a claimed, unpublished sample is re-claimable after this
+    claim_lease_s: float = 60.0  # a producer whose heartbeat stops this long is reaped
+    # a producer whose main loop makes no progress this long is reaped even if it beats (a hung
+    # engine); it must exceed the slowest engine batch (first CUDA-graph capture included)
+    progress_timeout_s: float = 900.0
+    # a producer waiting for the byte budget fails after this long (no trainer acks any more)
+    budget_wait_timeout_s: float = 1800.0
+    # a producer with nothing left to claim fails once no sample finished for this long
+    linger_timeout_s: float = 1800.0
     put_timeout_s: float = 120.0  # bounded wait when the store is full
     pop_timeout_s: float = 600.0  # trainer wait for the next sample before failing
     connect_timeout_s: float = 30.0

@@ -16,8 +16,9 @@ NBYTES = 100
 
 def _clients(address: str, budget: int) -> list[KeyQueue]:
     queues = [KeyQueue.connect(address, "run", budget, timeout_s=5) for _ in range(CLIENTS)]
-    for q in queues:
+    for i, q in enumerate(queues):
         q.set_plan(DataPlan(num_samples=CLIENTS * ROUNDS, num_epochs=1, seed=0))
+        q.register_producer(f"c{i}")
     return queues
 
 

@@ -34,6 +34,7 @@ def _ref(claim: Claim, nbytes: int = 100) -> SampleRef:
         {"aux_hidden": TensorMeta(key, (nbytes,), "uint8")},
         "p",
         claim.attempt,
+        claim.pos,
     )
 
 
@@ -59,7 +60,7 @@ def test_two_producers_claim_every_position_once_epoch_by_epoch(queue_address):
     b.register_producer("b")
     seen: list[Claim] = []
     while True:
-        got = a.claim("a", 3, _ids) + b.claim("b", 4, _ids)
+        got = a.claim(3, _ids) + b.claim(4, _ids)
         if not got:
             break
         seen += got
@@ -74,7 +75,7 @@ def test_two_producers_claim_every_position_once_epoch_by_epoch(queue_address):
 def test_budget_blocks_until_ack_and_counter_never_exceeds_it(queue_address):
     q = _client(queue_address, budget=250)
     q.register_producer("p")
-    claims = q.claim("p", 4, _ids)
+    claims = q.claim(4, _ids)
     _publish_all(q, "p", claims[:2])  # 200 of 250 bytes resident
     assert q.resident_bytes() == 200
     waited: list[float] = []
@@ -94,9 +95,9 @@ def test_budget_blocks_until_ack_and_counter_never_exceeds_it(queue_address):
 def test_reserve_admits_an_oversized_sample_only_into_an_empty_store(queue_address):
     q = _client(queue_address, budget=50)
     q.register_producer("p")
-    (c,) = q.claim("p", 1, _ids)
+    (c,) = q.claim(1, _ids)
     assert q.reserve(c, 500, lambda: False) < 1.0
-    (c2,) = q.claim("p", 1, _ids)
+    (c2,) = q.claim(1, _ids)
     with pytest.raises(StopRequested):
         q.reserve(c2, 10, lambda: True)
 
@@ -104,8 +105,8 @@ def test_reserve_admits_an_oversized_sample_only_into_an_empty_store(queue_addre
 def test_publish_once_per_sample_and_loser_releases_reservation(queue_address):
     q = _client(queue_address)
     q.register_producer("p")
-    (c,) = q.claim("p", 1, _ids)
-    later = Claim(c.epoch, c.sample_id, c.attempt + 1)
+    (c,) = q.claim(1, _ids)
+    later = Claim(c.epoch, c.sample_id, c.attempt + 1, c.pos)
     q.reserve(c, 100, lambda: False)
     q.reserve(later, 100, lambda: False)
     assert q.publish(c, _ref(c))
@@ -118,21 +119,21 @@ def test_dead_producer_claims_are_reaped_with_their_reservations(queue_address):
     dead, alive = _client(queue_address), _client(queue_address)
     dead.register_producer("dead")
     alive.register_producer("alive")
-    claims = dead.claim("dead", 3, _ids)
+    claims = dead.claim(3, _ids)
     dead.reserve(claims[0], 100, lambda: False)  # reserved, never published
     _publish_all(dead, "dead", claims[1:2])  # one published before dying
     removed: list[Claim] = []
-    assert alive.reap("alive", removed.append, lease_s=0.2) == 0  # first sighting
+    assert alive.reap(removed.append, lease_s=0.2) == 0  # first sighting
     time.sleep(0.3)
-    assert alive.reap("alive", removed.append, lease_s=0.2) == 2
+    assert alive.reap(removed.append, lease_s=0.2) == 2
     assert {c.sample_id for c in removed} == {claims[0].sample_id, claims[2].sample_id}
     assert alive.resident_bytes() == 100  # the published one only
-    again = alive.claim("alive", 2, _ids)
+    again = alive.claim(2, _ids)
     assert {(c.sample_id, c.attempt) for c in again} == {
         (claims[0].sample_id, 1),
         (claims[2].sample_id, 1),
     }
-    assert alive.reap("alive", removed.append, lease_s=0.0) == 0  # reaped once only
+    assert alive.reap(removed.append, lease_s=0.0) == 0  # reaped once only
     assert alive.counts()["reclaimed"] == 2
 
 
@@ -140,11 +141,11 @@ def test_beating_producer_is_not_reaped(queue_address):
     slow, other = _client(queue_address), _client(queue_address)
     slow.register_producer("slow")
     other.register_producer("other")
-    slow.claim("slow", 2, _ids)
-    stop = slow.start_heartbeat("slow", 0.05)
+    slow.claim(2, _ids)
+    stop = slow.start_heartbeat(0.05)
     try:
         for _ in range(4):
-            assert other.reap("other", lambda c: None, lease_s=0.2) == 0
+            assert other.reap(lambda c: None, lease_s=0.2) == 0
             time.sleep(0.1)
     finally:
         stop.set()
@@ -154,14 +155,14 @@ def test_end_of_data_skip_drop_and_missing_requeue(queue_address):
     q = _client(queue_address, budget=100_000)
     q.register_producer("p")
     claims = []
-    while got := q.claim("p", 7, _ids):
+    while got := q.claim(7, _ids):
         claims += got
     q.mark_acked([(0, claims[0].sample_id)])
     assert q.is_acked(0, claims[0].sample_id)
     assert q.resolve(claims[0], "skipped") and not q.resolve(claims[0], "skipped")
     assert q.resolve(claims[1], "dropped")
     _publish_all(q, "p", claims[2:])
-    assert q.production_complete() and not q.end_of_data(0)  # refs still queued
+    assert not q.end_of_data(0)  # refs still queued
     refs = []
     while (r := q.try_pop(0)) is not None:
         refs.append(r)
@@ -169,7 +170,7 @@ def test_end_of_data_skip_drop_and_missing_requeue(queue_address):
     # A trainer finds one sample's data gone: production is incomplete again until redone.
     assert q.requeue_missing(refs[0]) and not q.requeue_missing(refs[0])
     assert not q.end_of_data(0)
-    (redo,) = q.claim("p", 1, _ids)
+    (redo,) = q.claim(1, _ids)
     assert (redo.epoch, redo.sample_id, redo.attempt) == (
         refs[0].epoch,
         refs[0].sample_id,
@@ -186,6 +187,7 @@ def test_end_of_data_skip_drop_and_missing_requeue(queue_address):
         "missing": 1,
         "budget_waits": 0,
     }
+    q.refresh_bytes(force=True)  # the producer learns its samples were trained (or voided)
     assert q.resident_bytes() == 0
 
 
@@ -219,7 +221,7 @@ def test_refs_are_dealt_round_robin_to_trainer_ranks(queue_address):
     q = KeyQueue.connect(queue_address, "run", 10_000)
     q.set_plan(DataPlan(num_samples=7, num_epochs=1, seed=0, num_ranks=3))
     q.register_producer("p")
-    claims = q.claim("p", 7, lambda e, pos: f"s{pos}")
+    claims = q.claim(7, lambda e, pos: f"s{pos}")
     _publish_all(q, "p", claims)
     per_rank = []
     for rank in range(3):

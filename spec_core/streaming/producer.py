@@ -32,9 +32,10 @@ from spec_core.engines.base import HiddenStateEngine
 from spec_core.errors import ConfigError, DataError, ServiceError, SpecflowError
 from spec_core.models import capture_spec_for
 from spec_core.transfer.mooncake import ManagedProcess
-from spec_core.transfer.queue import Claim, KeyQueue, StopRequested
+from spec_core.transfer.queue import Claim, KeyQueue, ProducerReaped, StopRequested
 from spec_core.transfer.records import SampleRef, TensorMeta, tensor_key
 from spec_core.transfer.services import ServiceAddresses
+from spec_core.utils import faults
 from spec_core.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ProducerStats:
     producer: str
+    incarnation: str = ""  # <producer>#<n> in the key queue (a retry is a new incarnation)
     samples: int = 0
     tokens: int = 0
     skipped: int = 0  # already trained (resume)
@@ -125,7 +127,7 @@ def make_ref(run: str, claim: Claim, producer: str, tensors: dict[str, torch.Ten
         )
         for name, t in tensors.items()
     }
-    return SampleRef(run, claim.epoch, claim.sample_id, metas, producer, claim.attempt)
+    return SampleRef(run, claim.epoch, claim.sample_id, metas, producer, claim.attempt, claim.pos)
 
 
 def attempt_keys(run: str, claim: Claim) -> list[str]:
@@ -168,8 +170,8 @@ def run_producer(
             orders[epoch] = plan.order(epoch)
         return data.ids[orders[epoch][pos]]
 
-    queue.register_producer(producer_id)
-    heartbeat = queue.start_heartbeat(producer_id, max(t.claim_lease_s / 6, 0.2))
+    me = stats.incarnation = queue.register_producer(producer_id)  # a retry gets a fresh one
+    heartbeat = queue.start_heartbeat(max(t.claim_lease_s / 6, 0.2))
     store = None
     try:
         store = addresses.connect_store(t)
@@ -185,19 +187,18 @@ def run_producer(
 
         stats.idle_s += _wait_gate(queue, t.pop_timeout_s)
         last_log = time.monotonic()
-        idle_delay = 0.01
+        idle = _Linger(queue, t.linger_timeout_s)
         while not queue.stop_requested():
-            claims = queue.claim(producer_id, cfg.inference.batch_size, sample_id_of)
+            queue.progress()
+            claims = queue.claim(cfg.inference.batch_size, sample_id_of)
             if not claims:
                 if queue.all_finished():
                     break
-                queue.reap(producer_id, remove_attempt, t.claim_lease_s)
-                t0 = time.monotonic()
-                time.sleep(idle_delay)
-                idle_delay = min(idle_delay * 2, 0.25)
-                stats.idle_s += time.monotonic() - t0
+                queue.reap(remove_attempt, t.claim_lease_s, t.progress_timeout_s)
+                queue.refresh_bytes()
+                stats.idle_s += idle.wait(me)
                 continue
-            idle_delay = 0.01
+            idle.reset()
             try:
                 _produce(
                     claims,
@@ -206,9 +207,9 @@ def run_producer(
                     store,
                     queue,
                     addresses.run_id,
-                    producer_id,
                     vocab_size,
                     stats,
+                    t.budget_wait_timeout_s,
                 )
             except StopRequested:
                 break
@@ -216,12 +217,17 @@ def run_producer(
                 stats.wall_s = time.monotonic() - start
                 log.info(stats.summary())
                 last_log = time.monotonic()
+        # Leave the byte count true: ours, and in a finished run everyone's (the killed too).
+        queue.refresh_bytes(force=True, everyone=queue.all_finished())
+    except ProducerReaped as exc:  # peers took over; touching the queue now could only hurt
+        log.warning("%s", exc)
+        raise
     finally:
         heartbeat.set()
         try:
             # Hand back whatever this producer claimed but did not publish (failure or stop).
             if store is not None:
-                queue.retire(producer_id, lambda c: store.remove(attempt_keys(addresses.run_id, c)))
+                queue.retire(lambda c: store.remove(attempt_keys(addresses.run_id, c)))
         finally:
             if store is not None:
                 store.close()
@@ -230,6 +236,36 @@ def run_producer(
     stats.wall_s = time.monotonic() - start
     log.info(stats.summary())
     return stats
+
+
+class _Linger:
+    """The producer's wait while nothing is claimable (others still produce, or trainers still
+    train): backs off, and fails once the finished count has not moved for ``timeout_s``
+    (``transfer.linger_timeout_s``), e.g. because every trainer died."""
+
+    def __init__(self, queue: KeyQueue, timeout_s: float) -> None:
+        self.queue, self.timeout_s = queue, timeout_s
+        self.reset()
+
+    def reset(self) -> None:
+        self.delay = 0.01
+        self.finished = -1
+        self.since = time.monotonic()
+
+    def wait(self, me: str) -> float:
+        finished = self.queue.finished_count()
+        if finished != self.finished:
+            self.finished, self.since = finished, time.monotonic()
+        elif time.monotonic() - self.since > self.timeout_s:
+            raise ServiceError(
+                f"producer {me} waited {self.timeout_s:.0f}s for the trainers to finish the "
+                f"remaining samples ({finished} finished, none since); are the trainers running? "
+                "(transfer.linger_timeout_s)"
+            )
+        t0 = time.monotonic()
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 0.25)
+        return time.monotonic() - t0
 
 
 def _vocab_size(engine: HiddenStateEngine) -> Optional[int]:
@@ -257,9 +293,9 @@ def _produce(
     store: Any,
     queue: KeyQueue,
     run: str,
-    producer: str,
     vocab_size: Optional[int],
     stats: ProducerStats,
+    budget_timeout_s: float,
 ) -> None:
     todo: list[tuple[Claim, TokenizedSample]] = []
     for claim in claims:
@@ -284,16 +320,25 @@ def _produce(
     stats.engine_s += time.monotonic() - t0
     for (claim, sample), cap in zip(todo, captured, strict=True):
         tensors = cap.tensors()
-        ref = make_ref(run, claim, producer, tensors)
-        stats.budget_wait_s += queue.reserve(claim, ref.nbytes, queue.stop_requested)
+        ref = make_ref(run, claim, queue.producer or "", tensors)
+        stats.budget_wait_s += queue.reserve(
+            claim, ref.nbytes, queue.stop_requested, budget_timeout_s
+        )
         t0 = time.monotonic()
         try:
+            faults.point("producer.put")
             store.put([(ref.tensors[name].key, t) for name, t in tensors.items()])
+            faults.point("producer.put_done")
+            published = queue.publish(claim, ref)
+        except ProducerReaped:  # fenced before publishing: a peer re-queued this claim, and its
+            queue.release(claim)  # replay may have run before this put, so remove it here
+            store.remove(ref.keys)
+            raise
         except BaseException:
             queue.release(claim)
             raise
         stats.put_s += time.monotonic() - t0
-        if queue.publish(claim, ref):
+        if published:
             stats.samples += 1
             stats.tokens += len(sample.input_ids)
         else:

@@ -1,11 +1,10 @@
 """``StreamSource``: the trainer's samples, streamed from producers through Mooncake.
 
-A prefetch thread pops ``SampleRef``s from this rank's queue (the key queue deals refs round-robin
-to the ranks), reads their tensors from Mooncake and buffers them; ``next_step`` collates them with
+A prefetch thread pops ``SampleRef``s from this rank's queue (the key queue deals the sample at
+epoch position ``pos`` to rank ``pos % ranks``), reads their tensors from Mooncake and buffers them; ``next_step`` collates them with
 the trainer's ``collate``. After the optimizer step the trainer calls ``ack``: the objects are
-force-deleted and the bytes go back to the producers' budget. A rank whose queue has run dry for
-good (every sample of every epoch published and the queue empty) returns padding steps, so all
-ranks keep stepping together until the trainer's all-reduce sees no real sample anywhere.
+force-deleted and the bytes go back to the producers' budget. A rank that has taken every sample
+dealt to it returns padding steps, so all ranks keep stepping together until the trainer's all-reduce sees no real sample anywhere.
 
 Contract with the trainer: call ``ack`` once per optimizer step on every rank (with ``[]`` when the
 step had no real samples). ``state_dict`` then waits until every rank has acked the same number of
@@ -30,6 +29,7 @@ from spec_core.training.sources import SampleSource, SampleSpec, StepData
 from spec_core.transfer.mooncake import MissingDataError
 from spec_core.transfer.records import SampleRef
 from spec_core.transfer.services import ServiceAddresses
+from spec_core.utils import faults
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class StreamSource(SampleSource):
                 f"{world_size}; set training.nproc_per_node x training.nnodes to match"
             )
         self.store = addresses.connect_store(transfer)
+        # A restarted rank re-sends itself what its predecessor popped but did not ack.
+        resent = self.queue.recover_rank(rank)
+        if resent:
+            log.info("rank %d: recovered %d published, unacked samples", rank, resent)
         self._buffer: queue_mod.Queue[tuple[SampleRef, CapturedSample]] = queue_mod.Queue(
             maxsize=max(prefetch_depth, 1) * micro_batch_size
         )
@@ -132,6 +136,7 @@ class StreamSource(SampleSource):
         metas = [ref.tensors[n] for n in present]
         t0 = time.monotonic()
         try:
+            faults.point("stream.fetch")
             tensors = dict(zip(present, self.store.get(metas), strict=True))
         except MissingDataError as exc:
             # The data went away (its holder died or it was evicted): hand the id back for
@@ -156,7 +161,7 @@ class StreamSource(SampleSource):
             if self._error is not None:
                 raise ServiceError(f"stream prefetch failed: {self._error}") from self._error
             try:
-                ref, sample = self._buffer.get(timeout=0.02)
+                ref, sample = self._buffer.get(timeout=0.1)  # wakes at once on data
             except queue_mod.Empty:
                 with self._dry_lock:
                     if self._dry and self._buffer.empty():
@@ -213,7 +218,10 @@ class StreamSource(SampleSource):
             refs.append(pending.popleft())
             if not pending:
                 del self._inflight[sid]
-        # Delete the data before giving the bytes back, so residency never exceeds the budget.
+        # Delete the data before giving the bytes back, so residency never exceeds the budget. A
+        # rank killed between the two finds the sample unacked on restart, its data gone, and
+        # has it produced again: nothing is acked that was not trained (§key-queue).
+        faults.point("stream.ack.remove")
         self.store.remove([k for ref in refs for k in ref.keys])
         self.queue.ack(refs)
         self._acks_done += 1

@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from spec_core.utils import faults
 from spec_core.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -187,12 +188,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"segment holder: {exc}", file=sys.stderr)
         return 2
     store = MooncakeDistributedStore()
+    faults.point("holder.setup")
     rc = store.setup(
         args.host, args.metadata_url, 0, 16 * MB, args.protocol, args.device_name, args.master
     )
     if rc != 0:
         print(f"segment holder: Mooncake setup against {args.master} failed: {rc}", file=sys.stderr)
         return 3
+    faults.point("holder.mount")
     mounted = store.mount_segment(f"/proc/self/fd/{fd}", size, HEADER_BYTES, args.protocol)
     if mounted.get("ret") != 0:
         print(f"segment holder: mount_segment failed: {mounted}", file=sys.stderr)
@@ -202,6 +205,7 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    faults.point("holder.publish_info")
     publish_info(args.metadata_url, info)
     if args.ready_file:  # atomic: a reader never sees half of it
         atomic_write_text(args.ready_file, info.to_json())
@@ -211,6 +215,7 @@ def serve(args: argparse.Namespace) -> int:
             print(f"segment holder {endpoint}: owner pid {args.owner_pid} is gone", flush=True)
             break
     _metadata_request(f"{args.metadata_url}?key={info_key(endpoint)}", "DELETE")
+    faults.point("holder.close")
     store.close()
     return 0
 

@@ -45,6 +45,7 @@ class SampleRef:
     tensors: dict[str, TensorMeta] = field(default_factory=dict)
     producer: str = ""
     attempt: int = 0  # production attempt (see tensor_key); 0 unless a claim was re-claimed
+    pos: int = 0  # place in the epoch's shuffled order: the key queue deals it to rank pos % R
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +63,7 @@ class SampleRef:
                 "sample_id": self.sample_id,
                 "producer": self.producer,
                 "attempt": self.attempt,
+                "pos": self.pos,
                 "nbytes": self.nbytes,
                 "tensors": {
                     name: {"key": t.key, "shape": list(t.shape), "dtype": t.dtype}
@@ -90,6 +92,7 @@ class SampleRef:
                 tensors=tensors,
                 producer=str(data.get("producer", "")),
                 attempt=int(data.get("attempt", 0)),
+                pos=int(data.get("pos", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ServiceError(f"malformed SampleRef on the key queue: {exc}") from None
