@@ -349,8 +349,10 @@ def test_resume_skips_acked_samples_and_loses_none(tmp_path, tiny_target_dir, sp
     saved = json.loads((ckpt / "data_state_rank1.json").read_text())["acked"]
     assert len(saved) == 20  # every rank's state holds the run's global acked set
     assert saved == json.loads((ckpt / "data_state_rank0.json").read_text())["acked"]
+    # The first run planned 10 steps, the resumed one the whole epoch (50): a deliberate change
+    # of plan, so it is accepted explicitly (the refusal is tested in test_checkpoint_safety.py).
     resumed = run_streaming(
-        _stream_config([f"training.resume_from={ckpt}"]),
+        _stream_config([f"training.resume_from={ckpt}", "training.resume_accept_mismatch=true"]),
         split_200,
         tmp_path / "resumed",
         target_dir=tiny_target_dir,
