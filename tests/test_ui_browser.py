@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,13 @@ def start_mlflow_server(out: Path, port: int, log: Path):
         return ProcessGroup.start(argv, stdout=fh, stderr=subprocess.STDOUT)
 
 
+def run_async(read):
+    """``read()`` to completion on a thread of its own: Playwright's sync API keeps an event loop
+    running in the test's thread, where ``asyncio.run`` refuses to start another."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, read()).result()
+
+
 def flow_run(flow_run_id):
     from prefect.client.orchestration import get_client
 
@@ -91,7 +99,7 @@ def flow_run(flow_run_id):
         async with get_client() as client:
             return await client.read_flow_run(flow_run_id)
 
-    return asyncio.run(read())
+    return run_async(read)
 
 
 def children_and_artifacts():
@@ -101,7 +109,7 @@ def children_and_artifacts():
         async with get_client() as client:
             return await client.read_flow_runs(), await client.read_artifacts()
 
-    return asyncio.run(read())
+    return run_async(read)
 
 
 @pytest.mark.timeout(2400)
