@@ -134,58 +134,65 @@ def test_prefect_and_mlflow_uis_show_the_live_run(tmp_path, tiny_target_dir, mon
     mlflow_ui = f"http://127.0.0.1:{mlflow_port}"
     tracking = MlflowClient(tracking_uri=mlflow_ui, registry_uri=mlflow_ui)
     mlflow_server = start_mlflow_server(out, mlflow_port, tmp_path / "mlflow-server.log")
-    stack = None
-    try:
-        wait_for("the MLflow server", lambda: http_ok(f"{mlflow_ui}/health"), 180)
-        stack = start_stack(tmp_path / "stack", port=free_port("127.0.0.1"), worker_poll_s=1)
-        with temporary_settings({PREFECT_API_URL: stack.api_url, PREFECT_HOME: str(home)}):
-            parent = run_deployment(
-                "speculative-training/speculative-training",
-                parameters={
-                    "config_path": str(config),
-                    "overrides": [
-                        f"run.run_id={RUN_ID}",
-                        f"training.num_steps={STEPS}",
-                        "training.print_interval=40",
-                        "inference.replicas=1",
-                        "orchestration.publish=true",
-                        "evaluation.num_prompts=2",
-                        "evaluation.max_new_tokens=12",
-                        f"registry.model_name={MODEL}",
-                        f"registry.ui_url={mlflow_ui}",
-                    ],
-                },
-                timeout=0,
-            )
-            with sync_api.sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-                page = browser.new_page(viewport={"width": 1440, "height": 1000})
-                page.set_default_timeout(PAGE_TIMEOUT_MS)
-                live = check_mlflow_curves_during_training(page, tracking, run_dir, shots)
-                final = wait_for(
-                    "the parent run to end", lambda: finished(parent.id), timeout_s=900, every_s=3
+    try:  # the MLflow server outlives the stack: the checks after the run still read it
+        stack = None
+        try:
+            wait_for("the MLflow server", lambda: http_ok(f"{mlflow_ui}/health"), 180)
+            stack = start_stack(tmp_path / "stack", port=free_port("127.0.0.1"), worker_poll_s=1)
+            with temporary_settings({PREFECT_API_URL: stack.api_url, PREFECT_HOME: str(home)}):
+                parent = run_deployment(
+                    "speculative-training/speculative-training",
+                    parameters={
+                        "config_path": str(config),
+                        "overrides": [
+                            f"run.run_id={RUN_ID}",
+                            f"training.num_steps={STEPS}",
+                            "training.print_interval=40",
+                            "inference.replicas=1",
+                            "orchestration.publish=true",
+                            "evaluation.num_prompts=2",
+                            "evaluation.max_new_tokens=12",
+                            f"registry.model_name={MODEL}",
+                            f"registry.ui_url={mlflow_ui}",
+                        ],
+                    },
+                    timeout=0,
                 )
-                assert final.state.is_completed(), final.state.message
-                check_prefect_run_page(page, stack.ui_url, parent.id, shots)
-                check_prefect_run_form(page, stack.ui_url, parent.deployment_id, shots)
-                check_mlflow_model_page(page, mlflow_ui, shots)
-                browser.close()
-            runs, artifacts = children_and_artifacts()
+                with sync_api.sync_playwright() as pw:
+                    browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                    page.set_default_timeout(PAGE_TIMEOUT_MS)
+                    live = check_mlflow_curves_during_training(page, tracking, run_dir, shots)
+                    final = wait_for(
+                        "the parent run to end",
+                        lambda: finished(parent.id),
+                        timeout_s=900,
+                        every_s=3,
+                    )
+                    assert final.state.is_completed(), final.state.message
+                    check_prefect_run_page(page, stack.ui_url, parent.id, shots)
+                    check_prefect_run_form(page, stack.ui_url, parent.deployment_id, shots)
+                    check_mlflow_model_page(page, mlflow_ui, shots)
+                    browser.close()
+                runs, artifacts = children_and_artifacts()
+        finally:
+            if stack is not None:
+                stack.stop()
+        # the screenshot of the curves was taken while the run was RUNNING, before the last step
+        assert live["status"] == "RUNNING" and 0 < live["points"] < STEPS
+        history = tracking.get_metric_history(live["run_id"], "train/loss")
+        assert [m.step for m in history] == list(range(1, STEPS + 1))
+        assert tracking.get_run(live["run_id"]).info.status == "FINISHED"
+        by_name = {r.name: r for r in runs}
+        assert by_name["producer-0"].work_pool_name == "gpu-inference"
+        assert by_name["trainer-node-0"].work_pool_name == "gpu-training"
+        assert {"training-metrics", "run-summary", "mlflow-registration"} <= {
+            a.key for a in artifacts
+        }
+        version = tracking.get_model_version_by_alias(MODEL, "champion")
+        assert version.run_id == live["run_id"]
     finally:
-        if stack is not None:
-            stack.stop()
         mlflow_server.stop()
-    # the screenshot of the curves was taken while the run was RUNNING, before the last step
-    assert live["status"] == "RUNNING" and 0 < live["points"] < STEPS
-    history = tracking.get_metric_history(live["run_id"], "train/loss")
-    assert [m.step for m in history] == list(range(1, STEPS + 1))
-    assert tracking.get_run(live["run_id"]).info.status == "FINISHED"
-    by_name = {r.name: r for r in runs}
-    assert by_name["producer-0"].work_pool_name == "gpu-inference"
-    assert by_name["trainer-node-0"].work_pool_name == "gpu-training"
-    assert {"training-metrics", "run-summary", "mlflow-registration"} <= {a.key for a in artifacts}
-    version = tracking.get_model_version_by_alias(MODEL, "champion")
-    assert version.run_id == live["run_id"]
     assert wait_no_processes(tmp_path) == []
     copy = os.environ.get("SPECFLOW_SCREENSHOT_DIR")
     if copy:
