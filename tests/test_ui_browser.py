@@ -16,6 +16,7 @@ needs Chromium, so it is not part of ``make test``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 import shutil
@@ -87,9 +88,12 @@ def start_mlflow_server(out: Path, port: int, log: Path):
 
 def run_async(read):
     """``read()`` to completion on a thread of its own: Playwright's sync API keeps an event loop
-    running in the test's thread, where ``asyncio.run`` refuses to start another."""
+    running in the test's thread, where ``asyncio.run`` refuses to start another. The thread gets
+    this context, so Prefect's temporary settings (the stack's API URL) hold there too, instead
+    of Prefect starting an ephemeral server of its own."""
+    context = contextvars.copy_context()
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, read()).result()
+        return pool.submit(context.run, asyncio.run, read()).result()
 
 
 def flow_run(flow_run_id):
