@@ -39,7 +39,7 @@ pytestmark = [
 
 CHROMIUM = os.environ.get("SPECFLOW_CHROMIUM", "/usr/bin/chromium")
 RUN_ID = "browser"
-STEPS = 150
+STEPS = 400  # long enough that the curves are read while training still runs, even on a quiet box
 MODEL = "tiny-browser-eagle3"
 PAGE_TIMEOUT_MS = 90_000
 
